@@ -1,0 +1,139 @@
+//! TCP probe: the tracepoint field offsets handed to the kernel program, the events it emits and
+//! its drop counters.
+
+use crate::COMM_LEN;
+
+/// Ring buffer carrying [`TcpEvent`]s.
+pub const TCP_EVENTS: &str = "TCP_EVENTS";
+/// `Array<TcpTpOffsets>` with one entry, written by userspace before attach.
+pub const TCP_TP_OFFSETS: &str = "TCP_TP_OFFSETS";
+/// `PerCpuArray<u64>` indexed by `TCP_LOST_*`.
+pub const TCP_LOST: &str = "TCP_LOST";
+/// `HashMap<u64, TcpConnectStart>`: connects in flight, keyed by socket address.
+pub const TCP_CONNECTS: &str = "TCP_CONNECTS";
+/// `HashMap<u32, TcpListener>`: listening sockets, keyed by local port.
+pub const TCP_LISTENERS: &str = "TCP_LISTENERS";
+
+/// Capacity of [`TCP_CONNECTS`]: connects in SYN_SENT at one time.
+pub const TCP_CONNECTS_MAX: u32 = 16_384;
+/// Capacity of [`TCP_LISTENERS`].
+pub const TCP_LISTENERS_MAX: u32 = 4_096;
+/// Ring buffer size in bytes (a power of two multiple of the page size).
+pub const TCP_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Drop reasons, the indices of [`TCP_LOST`].
+pub const TCP_LOST_RINGBUF_FULL: u32 = 0;
+/// A connect could not be tracked because [`TCP_CONNECTS`] was full.
+pub const TCP_LOST_MAP_FULL: u32 = 1;
+/// A field could not be read from the tracepoint record.
+pub const TCP_LOST_READ_ERROR: u32 = 2;
+/// Number of drop reasons.
+pub const TCP_LOST_REASONS: u32 = 3;
+
+/// Offset value meaning "this kernel's tracepoint has no such field".
+pub const FIELD_ABSENT: u32 = u32::MAX;
+
+/// Byte offsets of the `sock:inet_sock_set_state` fields, parsed from tracefs at start-up: the
+/// layout has changed across kernels and Rust eBPF cannot use CO-RE relocations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpTpOffsets {
+    pub skaddr: u32,
+    pub oldstate: u32,
+    pub newstate: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub family: u32,
+    pub protocol: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+    /// 1 once userspace has filled the entry; the program ignores records until then.
+    pub ready: u32,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TcpTpOffsets {}
+
+/// What a [`TcpEvent`] reports.
+pub const TCP_EVENT_CONNECT_ESTABLISHED: u32 = 1;
+/// An active open that went SYN_SENT -> CLOSE (refused, timed out, reset).
+pub const TCP_EVENT_CONNECT_FAILED: u32 = 2;
+/// A passive open that went SYN_RECV -> ESTABLISHED.
+pub const TCP_EVENT_ACCEPT: u32 = 3;
+
+/// `AF_INET` and `AF_INET6` as the tracepoint reports them.
+pub const AF_INET: u16 = 2;
+/// See [`AF_INET`].
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`: the tracepoint also fires for SCTP and MPTCP sockets.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states as `include/net/tcp_states.h` numbers them (stable kernel ABI).
+pub const TCP_ESTABLISHED: i32 = 1;
+/// See [`TCP_ESTABLISHED`].
+pub const TCP_SYN_SENT: i32 = 2;
+/// See [`TCP_ESTABLISHED`].
+pub const TCP_SYN_RECV: i32 = 3;
+/// See [`TCP_ESTABLISHED`].
+pub const TCP_CLOSE: i32 = 7;
+/// See [`TCP_ESTABLISHED`].
+pub const TCP_LISTEN: i32 = 10;
+
+/// Who started a connect: recorded at SYN_SENT, in the connecting task's context (the later
+/// transitions run in softirq, where `current` is whoever the CPU happened to be running).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TcpConnectStart {
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TcpConnectStart {}
+const _: () = assert!(core::mem::size_of::<TcpConnectStart>() == 40);
+
+/// The process that put a socket into LISTEN, so accepted connections (completed in softirq)
+/// can be attributed to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TcpListener {
+    pub skaddr: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+    pub comm: [u8; COMM_LEN],
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TcpListener {}
+const _: () = assert!(core::mem::size_of::<TcpListener>() == 40);
+
+/// One connect outcome or accepted connection, sent through [`TCP_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TcpEvent {
+    /// `bpf_ktime_get_ns` at the completing transition.
+    pub ts_ns: u64,
+    /// SYN_SENT -> outcome; 0 for accepts.
+    pub latency_ns: u64,
+    pub cgroup_id: u64,
+    /// `TCP_EVENT_*`.
+    pub kind: u32,
+    /// Process that connected (or listened); 0 when unknown.
+    pub tgid: u32,
+    pub pid: u32,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: [u8; 6],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TcpEvent {}
+/// Size of a [`TcpEvent`] on the wire.
+pub const TCP_EVENT_SIZE: usize = core::mem::size_of::<TcpEvent>();
+const _: () = assert!(TCP_EVENT_SIZE == 96);

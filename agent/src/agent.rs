@@ -1,0 +1,191 @@
+//! `tanzhen run`: bind the endpoint, load and attach the probes, serve until a signal, then
+//! detach, flush and exit.
+
+use std::{io, net::SocketAddr, sync::Arc};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    cli::{RunArgs, VERSION},
+    kernel, loader,
+    probe::{
+        ProbeError, ProbeKind,
+        tcp::{LossCounters, TcpProbe},
+    },
+    server,
+    snapshot::{Desc, Snapshot},
+};
+
+/// How `run` failed, which decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The command line asked for something impossible (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The agent could not start (exit code 1).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl RunError {
+    /// Process exit code for this error.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 2,
+            Self::Fatal(_) => 1,
+        }
+    }
+}
+
+/// Binds `addr`, turning the usual failures into one line that says what to do.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RunError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        let why = match e.kind() {
+            io::ErrorKind::AddrInUse => {
+                "the port is already in use; stop what holds it or pick another with --listen".to_owned()
+            }
+            io::ErrorKind::AddrNotAvailable => {
+                "no local interface has that address; use 0.0.0.0 or an address of this host".to_owned()
+            }
+            io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need root)".to_owned(),
+            _ => e.to_string(),
+        };
+        RunError::Usage(format!("cannot listen on {addr}: {why}"))
+    })?;
+    l.set_nonblocking(true).map_err(|e| RunError::Fatal(format!("listener: {e}")))?;
+    Ok(l)
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(args: &RunArgs) -> Result<(), RunError> {
+    let listener = bind(args.listen)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tanzhen-rt")
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Fatal(format!("starting the runtime: {e}")))?;
+    rt.block_on(run_async(args, listener))
+}
+
+async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<(), RunError> {
+    let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| fatal(&e))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| fatal(&e))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| fatal(&e))?;
+
+    let uname = kernel::uname();
+    let snapshot = Arc::new(Snapshot::default());
+    snapshot
+        .gauge(Desc {
+            name: "tanzhen_build_info",
+            help: "Build and kernel of this agent (value 1).",
+            labels: &["version", "arch", "kernel"],
+        })
+        .set(&[VERSION, std::env::consts::ARCH, &uname.release], 1);
+    let probe_up = snapshot.gauge(Desc {
+        name: "tanzhen_probe_up",
+        help: "1 when the probe is attached and running, 0 when it failed.",
+        labels: &["probe"],
+    });
+    let loss = LossCounters {
+        events_lost: snapshot.counter(Desc {
+            name: "tanzhen_events_lost",
+            help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error).",
+            labels: &["probe", "reason"],
+        }),
+        decode_errors: snapshot.counter(Desc {
+            name: "tanzhen_decode_errors",
+            help: "Kernel records userspace could not decode (short or unknown), by probe.",
+            labels: &["probe"],
+        }),
+    };
+
+    let tracefs = kernel::tracefs().map_err(|e| fatal(&e))?;
+    if tracefs.mounted_now {
+        log::info!("mounted tracefs at {}", tracefs.path.display());
+    }
+    let mut ebpf = loader::load().map_err(|e| fatal(&e))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut attached = Vec::new();
+    for &kind in args.probes.iter() {
+        let res = match kind {
+            ProbeKind::Tcp => TcpProbe::attach(&mut ebpf, &tracefs.path, &snapshot, loss.clone())
+                .map(|p| {
+                    tasks.spawn(p.run(stop_rx.clone()));
+                }),
+            ProbeKind::Syscalls | ProbeKind::Sched => Err(ProbeError::Unsupported {
+                probe: kind.name(),
+                reason: "not built into this version".into(),
+            }),
+        };
+        match res {
+            Ok(()) => {
+                probe_up.set(&[kind.name()], 1);
+                attached.push(kind.name());
+            }
+            Err(e) => {
+                probe_up.set(&[kind.name()], 0);
+                let msg = format!("probe `{kind}` failed to attach: {}", hint(&e));
+                if !args.probes.lenient() {
+                    return Err(RunError::Fatal(msg));
+                }
+                log::error!("{msg}");
+            }
+        }
+    }
+    if attached.is_empty() {
+        return Err(RunError::Fatal("no probe could attach; see `tanzhen check`".into()));
+    }
+
+    let addr = listener.local_addr().map_err(|e| fatal(&e))?;
+    let server = tokio::spawn(server::serve(listener, snapshot.clone(), stop_rx.clone()));
+    log::info!(
+        "tanzhen {VERSION} on {} ({}): probes {} attached; metrics at http://{addr}/metrics",
+        uname.release,
+        uname.machine,
+        attached.join(",")
+    );
+
+    tokio::select! {
+        _ = sigint.recv() => log::info!("SIGINT: detaching probes"),
+        _ = sigterm.recv() => log::info!("SIGTERM: detaching probes"),
+        Some(res) = tasks.join_next() => {
+            log::error!("a probe stopped unexpectedly: {res:?}");
+        }
+    }
+    // Detach first (dropping Ebpf drops the links), then let the drain tasks flush what the
+    // kernel already submitted, then stop serving.
+    drop(ebpf);
+    let _ = stop_tx.send(true);
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("probe: {e}"),
+            Err(e) => log::error!("probe task: {e}"),
+        }
+    }
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::error!("http server: {e}"),
+        Err(e) => log::error!("http server task: {e}"),
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Adds the usual fix to errors whose cause is common.
+fn hint(e: &ProbeError) -> String {
+    let s = e.to_string();
+    if s.contains("Operation not permitted") || s.contains("EPERM") {
+        format!("{s} (run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)")
+    } else {
+        s
+    }
+}

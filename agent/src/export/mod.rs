@@ -1,0 +1,3 @@
+//! Exporters: each translates the [`Snapshot`](crate::snapshot::Snapshot) into one wire format.
+
+pub mod prometheus;

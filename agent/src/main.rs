@@ -1,0 +1,44 @@
+//! `tanzhen`: parse the command line, set up logging, dispatch.
+
+mod agent;
+mod check;
+mod cli;
+mod export;
+mod kernel;
+mod loader;
+mod probe;
+mod server;
+mod snapshot;
+
+use std::process::ExitCode;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_or_exit();
+    match cli.command {
+        Command::Run(args) => {
+            env_logger::Builder::new()
+                .filter_level(args.log_level.into())
+                // aya's loader logs every relocation at debug; keep it for --log-level trace.
+                .filter_module("aya", args.log_level.aya_filter())
+                .format_timestamp_millis()
+                .format_target(false)
+                .init();
+            match agent::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tanzhen: error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::Probes => {
+            check::probes();
+            ExitCode::SUCCESS
+        }
+        Command::Check => {
+            if check::check() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The probe catalogue: what each probe measures, the kernel hooks it needs, and whether this
+//! build ships it. `tanzhen probes`, `tanzhen check` and `--probes` all read it.
+
+pub mod tcp;
+
+use std::fmt;
+
+use crate::kernel::KernelError;
+
+/// Why a probe could not attach or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("probe `{probe}` cannot run on this kernel: {reason}")]
+    Unsupported { probe: &'static str, reason: String },
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("program `{0}` is missing from the embedded eBPF object (a build problem)")]
+    MissingProgram(&'static str),
+    #[error("map `{0}` is missing from the embedded eBPF object (a build problem)")]
+    MissingMap(&'static str),
+    #[error("eBPF program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A probe the agent knows about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProbeKind {
+    Tcp,
+    Syscalls,
+    Sched,
+}
+
+/// A kernel attach point.
+#[derive(Clone, Copy, Debug)]
+pub enum Hook {
+    /// A tracepoint `category:name` (tracefs `events/<category>/<name>`).
+    Tracepoint { category: &'static str, name: &'static str },
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tracepoint { category, name } => write!(f, "tracepoint {category}:{name}"),
+        }
+    }
+}
+
+/// Static description of a probe.
+#[derive(Debug)]
+pub struct ProbeInfo {
+    pub kind: ProbeKind,
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub metrics: &'static [&'static str],
+    pub hooks: &'static [Hook],
+    /// Oldest kernel the probe supports, as (major, minor).
+    pub min_kernel: (u32, u32),
+    /// Whether this build of tanzhen ships the probe.
+    pub built: bool,
+}
+
+/// Every probe, in display order.
+pub const PROBES: &[ProbeInfo] = &[
+    ProbeInfo {
+        kind: ProbeKind::Tcp,
+        name: "tcp",
+        summary: "TCP connect attempts (outcome, latency SYN_SENT->ESTABLISHED) and accepted connections",
+        metrics: &[
+            "tanzhen_tcp_connects_total{comm,outcome}",
+            "tanzhen_tcp_connect_duration_seconds",
+            "tanzhen_tcp_accepts_total{comm}",
+        ],
+        hooks: &[Hook::Tracepoint { category: "sock", name: "inet_sock_set_state" }],
+        min_kernel: (4, 16),
+        built: true,
+    },
+    ProbeInfo {
+        kind: ProbeKind::Syscalls,
+        name: "syscalls",
+        summary: "system call rates, errors and latency per process, aggregated in the kernel",
+        metrics: &[
+            "tanzhen_syscalls_total{comm,syscall}",
+            "tanzhen_syscall_errors_total{comm,syscall}",
+            "tanzhen_syscall_duration_seconds{syscall}",
+        ],
+        hooks: &[
+            Hook::Tracepoint { category: "raw_syscalls", name: "sys_enter" },
+            Hook::Tracepoint { category: "raw_syscalls", name: "sys_exit" },
+        ],
+        min_kernel: (4, 19),
+        built: false,
+    },
+    ProbeInfo {
+        kind: ProbeKind::Sched,
+        name: "sched",
+        summary: "run-queue latency, context switches and process lifecycle",
+        metrics: &[
+            "tanzhen_sched_runqueue_latency_seconds",
+            "tanzhen_sched_context_switches_total{comm,kind}",
+        ],
+        hooks: &[
+            Hook::Tracepoint { category: "sched", name: "sched_wakeup" },
+            Hook::Tracepoint { category: "sched", name: "sched_wakeup_new" },
+            Hook::Tracepoint { category: "sched", name: "sched_switch" },
+        ],
+        min_kernel: (4, 19),
+        built: false,
+    },
+];
+
+impl ProbeKind {
+    /// The catalogue entry of this probe.
+    #[must_use]
+    pub fn info(self) -> &'static ProbeInfo {
+        PROBES.iter().find(|p| p.kind == self).expect("every ProbeKind is in PROBES")
+    }
+
+    /// The probe's name as the CLI spells it.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        self.info().name
+    }
+}
+
+impl fmt::Display for ProbeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Probes this build ships, comma-separated (for messages).
+#[must_use]
+pub fn available_names() -> String {
+    PROBES.iter().filter(|p| p.built).map(|p| p.name).collect::<Vec<_>>().join(", ")
+}
+
+/// A parsed `--probes` value: distinct probes in catalogue order, and whether `all` was
+/// asked for (then a probe this kernel cannot run is skipped with an error log instead of
+/// stopping the agent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeList(pub Vec<ProbeKind>, bool);
+
+impl ProbeList {
+    /// True when the list came from `all`: probes that cannot attach are skipped.
+    #[must_use]
+    pub fn lenient(&self) -> bool {
+        self.1
+    }
+}
+
+impl std::ops::Deref for ProbeList {
+    type Target = [ProbeKind];
+    fn deref(&self) -> &[ProbeKind] {
+        &self.0
+    }
+}
+
+/// Parses a `--probes` list: names separated by commas, or `all` for every built probe.
+/// Duplicates are ignored; order follows [`PROBES`].
+pub fn parse_list(s: &str) -> Result<ProbeList, String> {
+    let mut out = Vec::new();
+    let mut all = false;
+    for name in s.split(',').map(str::trim) {
+        if name.is_empty() {
+            return Err(format!("empty probe name in `{s}`; available probes: {}", available_names()));
+        }
+        if name == "all" {
+            out.extend(PROBES.iter().filter(|p| p.built).map(|p| p.kind));
+            all = true;
+            continue;
+        }
+        match PROBES.iter().find(|p| p.name == name) {
+            Some(p) if p.built => out.push(p.kind),
+            Some(p) => {
+                return Err(format!(
+                    "probe `{}` is not built into this version of tanzhen yet; available probes: {}",
+                    p.name,
+                    available_names()
+                ));
+            }
+            None => {
+                return Err(format!("unknown probe `{name}`; available probes: {}", available_names()));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(ProbeList(out, all))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lists_and_all() {
+        assert_eq!(parse_list("tcp").unwrap().0, vec![ProbeKind::Tcp]);
+        assert_eq!(parse_list("tcp, tcp").unwrap().0, vec![ProbeKind::Tcp]);
+        assert_eq!(parse_list("all").unwrap().0, vec![ProbeKind::Tcp]);
+    }
+
+    #[test]
+    fn rejects_unknown_and_unbuilt_with_the_available_list() {
+        let e = parse_list("tcp,bogus").unwrap_err();
+        assert!(e.contains("unknown probe `bogus`") && e.contains("available probes: tcp"), "{e}");
+        let e = parse_list("syscalls").unwrap_err();
+        assert!(e.contains("not built") && e.contains("available probes: tcp"), "{e}");
+        assert!(parse_list("tcp,,").unwrap_err().contains("empty probe name"));
+    }
+}

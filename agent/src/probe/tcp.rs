@@ -1,0 +1,362 @@
+//! TCP probe, userspace side: hands the tracepoint offsets to the kernel program, attaches it,
+//! drains its ring buffer with `AsyncFd` and turns events into connect/accept metrics.
+//!
+//! Metrics: `tanzhen_tcp_connects_total{comm,outcome}`, `tanzhen_tcp_connect_duration_seconds{comm}`
+//! (established connects only), `tanzhen_tcp_accepts_total{comm}`; drops feed
+//! `tanzhen_events_lost_total{probe="tcp",reason}` and `tanzhen_decode_errors_total{probe="tcp"}`.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use agent_common::tcp::{
+    AF_INET6, FIELD_ABSENT, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
+    TCP_EVENT_CONNECT_FAILED, TCP_EVENT_SIZE, TCP_EVENTS, TCP_LOST, TCP_LOST_MAP_FULL,
+    TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL, TCP_TP_OFFSETS, TcpEvent,
+    TcpTpOffsets,
+};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::watch,
+};
+
+use crate::{
+    kernel::{self, Format},
+    probe::ProbeError,
+    snapshot::{CounterVec, Desc, HistogramVec, Snapshot},
+};
+
+/// Name of the kernel program (`agent-ebpf/src/tcp.rs`).
+const PROGRAM: &str = "tcp_inet_sock_set_state";
+const PROBE: &str = "tcp";
+
+/// Connect duration buckets: 50 µs to 10 s in 1-2.5-5 steps.
+pub const CONNECT_DURATION_BOUNDS: &[f64] = &[
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Label values of the drop reasons, indexed like `TCP_LOST_*`.
+const LOST_REASONS: [&str; TCP_LOST_REASONS as usize] = {
+    let mut r = [""; TCP_LOST_REASONS as usize];
+    r[TCP_LOST_RINGBUF_FULL as usize] = "ringbuf_full";
+    r[TCP_LOST_MAP_FULL as usize] = "map_full";
+    r[TCP_LOST_READ_ERROR as usize] = "read_error";
+    r
+};
+
+/// Builds the offsets map entry from the tracepoint's `format`. Every field but `family`
+/// (added after 4.19) is required, at the size the program reads.
+pub fn offsets(f: &Format) -> Result<TcpTpOffsets, ProbeError> {
+    let need = |name: &str, size: u32| {
+        f.offset(name, size).ok_or_else(|| ProbeError::Unsupported {
+            probe: PROBE,
+            reason: format!(
+                "sock:inet_sock_set_state has no {size}-byte field `{name}` on this kernel"
+            ),
+        })
+    };
+    Ok(TcpTpOffsets {
+        skaddr: need("skaddr", 8)?,
+        oldstate: need("oldstate", 4)?,
+        newstate: need("newstate", 4)?,
+        sport: need("sport", 2)?,
+        dport: need("dport", 2)?,
+        family: f.offset("family", 2).unwrap_or(FIELD_ABSENT),
+        protocol: need("protocol", 2)?,
+        saddr: need("saddr", 4)?,
+        daddr: need("daddr", 4)?,
+        saddr_v6: need("saddr_v6", 16)?,
+        daddr_v6: need("daddr_v6", 16)?,
+        ready: 1,
+    })
+}
+
+/// Why a ring buffer record could not be decoded.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes, expected {TCP_EVENT_SIZE}")]
+    Size(usize),
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+}
+
+/// Decodes one ring buffer record without trusting its length or contents.
+pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
+    if bytes.len() < TCP_EVENT_SIZE {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    // SAFETY: TcpEvent is repr(C) plain data for which every bit pattern is valid, and the
+    // slice holds at least size_of::<TcpEvent>() bytes; read_unaligned needs no alignment.
+    let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<TcpEvent>()) };
+    match ev.kind {
+        TCP_EVENT_CONNECT_ESTABLISHED | TCP_EVENT_CONNECT_FAILED | TCP_EVENT_ACCEPT => Ok(ev),
+        k => Err(DecodeError::Kind(k)),
+    }
+}
+
+/// A task name from the kernel's NUL-padded `comm`; `[unknown]` when empty.
+#[must_use]
+pub fn comm_str(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    if end == 0 {
+        return "[unknown]".into();
+    }
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Remote address of an event as text (for logs and, later, traces).
+#[must_use]
+pub fn peer(ev: &TcpEvent) -> std::net::SocketAddr {
+    let ip = if ev.family == AF_INET6 {
+        std::net::IpAddr::from(ev.daddr)
+    } else {
+        std::net::IpAddr::from([ev.daddr[0], ev.daddr[1], ev.daddr[2], ev.daddr[3]])
+    };
+    std::net::SocketAddr::new(ip, ev.dport)
+}
+
+/// The TCP probe's metric families.
+#[derive(Debug)]
+pub struct TcpMetrics {
+    pub connects: Arc<CounterVec>,
+    pub duration: Arc<HistogramVec>,
+    pub accepts: Arc<CounterVec>,
+}
+
+impl TcpMetrics {
+    /// Registers the families in `snapshot`.
+    pub fn register(snapshot: &Snapshot) -> Self {
+        Self {
+            connects: snapshot.counter(Desc {
+                name: "tanzhen_tcp_connects",
+                help: "TCP connect attempts by outcome (established or failed).",
+                labels: &["comm", "outcome"],
+            }),
+            duration: snapshot.histogram(
+                Desc {
+                    name: "tanzhen_tcp_connect_duration_seconds",
+                    help: "Time from SYN_SENT to ESTABLISHED of successful TCP connects.",
+                    labels: &["comm"],
+                },
+                CONNECT_DURATION_BOUNDS,
+            ),
+            accepts: snapshot.counter(Desc {
+                name: "tanzhen_tcp_accepts",
+                help: "TCP connections accepted (SYN_RECV to ESTABLISHED), by listening process.",
+                labels: &["comm"],
+            }),
+        }
+    }
+
+    /// Counts one decoded event.
+    pub fn record(&self, ev: &TcpEvent) {
+        let comm = comm_str(&ev.comm);
+        match ev.kind {
+            TCP_EVENT_CONNECT_ESTABLISHED => {
+                self.connects.inc_by(&[&comm, "established"], 1);
+                #[expect(clippy::cast_precision_loss, reason = "ns fit f64 well below 2^53")]
+                self.duration.observe(&[&comm], ev.latency_ns as f64 / 1e9);
+            }
+            TCP_EVENT_CONNECT_FAILED => self.connects.inc_by(&[&comm, "failed"], 1),
+            TCP_EVENT_ACCEPT => self.accepts.inc_by(&[&comm], 1),
+            _ => {}
+        }
+    }
+}
+
+/// Shared counters of drops, owned by the agent.
+#[derive(Clone, Debug)]
+pub struct LossCounters {
+    pub events_lost: Arc<CounterVec>,
+    pub decode_errors: Arc<CounterVec>,
+}
+
+/// The attached TCP probe: its ring buffer and drop counters, ready to drain.
+pub struct TcpProbe {
+    ring: RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+    metrics: TcpMetrics,
+    loss: LossCounters,
+}
+
+impl TcpProbe {
+    /// Writes the offsets, loads and attaches the program, and takes the maps it drains.
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        tracefs: &Path,
+        snapshot: &Snapshot,
+        loss: LossCounters,
+    ) -> Result<Self, ProbeError> {
+        let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
+        let off = offsets(&format)?;
+        if off.family == FIELD_ABSENT {
+            log::warn!("sock:inet_sock_set_state has no `family` field: IPv6 connects are not told apart yet");
+        }
+        let mut offsets_map: Array<_, TcpTpOffsets> = Array::try_from(
+            ebpf.map_mut(TCP_TP_OFFSETS).ok_or(ProbeError::MissingMap(TCP_TP_OFFSETS))?,
+        )?;
+        offsets_map.set(0, off, 0)?;
+
+        let prog: &mut TracePoint = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(ProbeError::MissingProgram(PROGRAM))?
+            .try_into()?;
+        prog.load()?;
+        prog.attach("sock", "inet_sock_set_state")?;
+
+        let ring = RingBuf::try_from(ebpf.take_map(TCP_EVENTS).ok_or(ProbeError::MissingMap(TCP_EVENTS))?)?;
+        let lost = PerCpuArray::try_from(ebpf.take_map(TCP_LOST).ok_or(ProbeError::MissingMap(TCP_LOST))?)?;
+        Ok(Self { ring, lost, metrics: TcpMetrics::register(snapshot), loss })
+    }
+
+    /// Drains the ring buffer until `stop` turns true, then drains what is left and returns.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ProbeError> {
+        let Self { ring, lost, metrics, loss } = self;
+        // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf.
+        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                res = fd.readable_mut() => {
+                    let mut guard = res?;
+                    drain(guard.get_inner_mut(), &metrics, &loss);
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => read_lost(&lost, &loss),
+                _ = stop.changed() => break,
+            }
+        }
+        // Flush: events submitted before detach are still in the buffer.
+        drain(fd.get_mut(), &metrics, &loss);
+        read_lost(&lost, &loss);
+        Ok(())
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, metrics: &TcpMetrics, loss: &LossCounters) {
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Ok(ev) => {
+                log::trace!("tcp event kind={} comm={} peer={}", ev.kind, comm_str(&ev.comm), peer(&ev));
+                metrics.record(&ev);
+            }
+            Err(e) => {
+                log::debug!("tcp: undecodable record: {e}");
+                loss.decode_errors.inc_by(&[PROBE], 1);
+            }
+        }
+    }
+}
+
+fn read_lost(lost: &PerCpuArray<MapData, u64>, loss: &LossCounters) {
+    for (i, reason) in LOST_REASONS.iter().enumerate() {
+        #[expect(clippy::cast_possible_truncation, reason = "i < TCP_LOST_REASONS")]
+        match lost.get(&(i as u32), 0) {
+            Ok(per_cpu) => loss.events_lost.set_total(&[PROBE, reason], per_cpu.iter().sum()),
+            Err(e) => log::debug!("tcp: reading {TCP_LOST}[{i}]: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: u32) -> TcpEvent {
+        let mut comm = [0u8; 16];
+        comm[..6].copy_from_slice(b"tzconn");
+        TcpEvent {
+            ts_ns: 1,
+            latency_ns: 120_000,
+            cgroup_id: 7,
+            kind,
+            tgid: 42,
+            pid: 43,
+            family: agent_common::tcp::AF_INET,
+            sport: 40000,
+            dport: 80,
+            _pad: [0; 6],
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            comm,
+        }
+    }
+
+    fn bytes(ev: &TcpEvent) -> Vec<u8> {
+        // SAFETY: TcpEvent is repr(C) plain data without implicit padding.
+        unsafe { std::slice::from_raw_parts((ev as *const TcpEvent).cast::<u8>(), TCP_EVENT_SIZE) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_full_record() {
+        let ev = decode(&bytes(&event(TCP_EVENT_CONNECT_ESTABLISHED))).unwrap();
+        assert_eq!(ev.tgid, 42);
+        assert_eq!(comm_str(&ev.comm), "tzconn");
+        assert_eq!(peer(&ev), "10.1.2.3:80".parse().unwrap());
+    }
+
+    #[test]
+    fn rejects_truncated_and_garbage_records() {
+        let b = bytes(&event(TCP_EVENT_CONNECT_FAILED));
+        for len in [0, 1, 8, TCP_EVENT_SIZE - 1] {
+            assert_eq!(decode(&b[..len]).unwrap_err(), DecodeError::Size(len));
+        }
+        assert_eq!(decode(&bytes(&event(99))).unwrap_err(), DecodeError::Kind(99));
+        assert!(matches!(decode(&[0xff; TCP_EVENT_SIZE]), Err(DecodeError::Kind(_))));
+        // Records longer than the struct (a newer kernel side) still decode.
+        let mut long = b.clone();
+        long.extend_from_slice(&[0; 8]);
+        assert!(decode(&long).is_ok());
+    }
+
+    #[test]
+    fn comm_handles_padding_and_invalid_utf8() {
+        assert_eq!(comm_str(&[0; 16]), "[unknown]");
+        assert_eq!(comm_str(b"abc\0\0\0"), "abc");
+        assert_eq!(comm_str(&[b'a'; 16]), "a".repeat(16));
+        assert_eq!(comm_str(&[0xff, b'x', 0]), "\u{fffd}x");
+    }
+
+    #[test]
+    fn records_outcomes_and_latency() {
+        let s = Snapshot::default();
+        let m = TcpMetrics::register(&s);
+        m.record(&event(TCP_EVENT_CONNECT_ESTABLISHED));
+        m.record(&event(TCP_EVENT_CONNECT_FAILED));
+        m.record(&event(TCP_EVENT_ACCEPT));
+        assert_eq!(m.connects.get(&["tzconn", "established"]), 1);
+        assert_eq!(m.connects.get(&["tzconn", "failed"]), 1);
+        assert_eq!(m.accepts.get(&["tzconn"]), 1);
+        let (_, h) = m.duration.snapshot().pop().unwrap();
+        assert_eq!(h.count, 1);
+        // 120 µs falls in the (100 µs, 250 µs] bucket.
+        assert_eq!(h.counts[2], 1);
+    }
+
+    #[test]
+    fn offsets_need_every_field_but_family() {
+        let text = "field:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+field:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+field:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+field:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+field:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+field:__u16 protocol;\toffset:28;\tsize:2;\tsigned:0;
+field:__u8 saddr[4];\toffset:30;\tsize:4;\tsigned:0;
+field:__u8 daddr[4];\toffset:34;\tsize:4;\tsigned:0;
+field:__u8 saddr_v6[16];\toffset:38;\tsize:16;\tsigned:0;
+field:__u8 daddr_v6[16];\toffset:54;\tsize:16;\tsigned:0;";
+        let off = offsets(&kernel::parse_format(text).unwrap()).unwrap();
+        assert_eq!(off.family, FIELD_ABSENT);
+        assert_eq!(off.daddr_v6, 54);
+        assert_eq!(off.ready, 1);
+        let without_sport = text.replace("sport", "xport");
+        let e = offsets(&kernel::parse_format(&without_sport).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("`sport`"), "{e}");
+    }
+}
