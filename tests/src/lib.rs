@@ -1,1 +1,221 @@
-//! e2e helpers
+//! Privileged end-to-end tests: they start the real `tanzhen` binary, which loads real eBPF
+//! programs into this kernel, drive a workload, and read `/metrics` over real HTTP.
+//!
+//! Run them as root with `cargo xtask test` (which sets `TANZHEN_BIN` and `--test-threads=1`).
+//! This file holds the helpers: an agent guard, a minimal HTTP client and an exposition parser.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+#[cfg(test)]
+mod cli;
+#[cfg(test)]
+mod tcp;
+
+/// Path of the binary under test: `$TANZHEN_BIN`, else `target/debug/tanzhen`.
+#[must_use]
+pub fn tanzhen_bin() -> PathBuf {
+    std::env::var_os("TANZHEN_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tanzhen"),
+        PathBuf::from,
+    )
+}
+
+/// Panics unless we are root: these tests load eBPF programs and mean nothing otherwise.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the end-to-end tests load eBPF programs and must run as root (cargo xtask test as root)"
+    );
+}
+
+/// A loopback port nobody listens on right now.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+}
+
+/// A running `tanzhen run`, stopped with SIGTERM when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `tanzhen run <args> --listen 127.0.0.1:<free>` and waits until `/healthz` answers
+    /// (the server starts only after every probe has attached).
+    #[must_use]
+    pub fn start(args: &[&str]) -> Self {
+        require_root();
+        let bin = tanzhen_bin();
+        assert!(bin.exists(), "{} is missing: build it with `cargo build -p agent`", bin.display());
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::env::temp_dir().join(format!("tanzhen-e2e-{}-{}.log", std::process::id(), addr.port()));
+        let log_file = std::fs::File::create(&log).expect("create agent log");
+        let child = Command::new(&bin)
+            .arg("run")
+            .args(args)
+            .args(["--listen", &addr.to_string(), "--log-level", "debug"])
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut agent = Self { child: Some(child), addr, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = http_get(addr, "/healthz") {
+                return agent;
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("tanzhen exited with {status} before serving:\n{}", agent.log_text());
+            }
+            assert!(Instant::now() < deadline, "tanzhen did not serve /healthz within 60 s:\n{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The agent's stderr so far.
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Scrapes `/metrics` in the classic text format.
+    #[must_use]
+    pub fn scrape(&self) -> Metrics {
+        let (status, body) = http_get(self.addr, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        Metrics(body)
+    }
+
+    /// Sends SIGTERM and waits for the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tanzhen ignored SIGTERM for 30 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// `GET path` over HTTP/1.0; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A scrape in the Prometheus text format.
+#[derive(Clone, Debug)]
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// Sum of the samples named `name` whose labels include every pair of `labels`.
+    #[must_use]
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples(name)
+            .filter(|(l, _)| labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Every sample named exactly `name`: its labels and value.
+    pub fn samples<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (Vec<(String, String)>, f64)> + 'a {
+        self.0.lines().filter(|l| !l.starts_with('#')).filter_map(move |line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
+                None => (series, Vec::new()),
+            };
+            (n == name).then(|| (labels, value.parse().unwrap_or(f64::NAN)))
+        })
+    }
+}
+
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some((k, after)) = rest.split_once("=\"") {
+        let mut val = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        val.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => val.push(c),
+            }
+        }
+        out.push((k.trim_start_matches(',').to_owned(), val));
+        rest = &after[end..];
+    }
+    out
+}
+
+/// Polls `cond` on fresh scrapes until it holds or `timeout` passes; returns the last scrape.
+/// (Events reach userspace asynchronously; this waits for them, it asserts no timing.)
+pub fn wait_for(agent: &Agent, timeout: Duration, cond: impl Fn(&Metrics) -> bool) -> Metrics {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = agent.scrape();
+        if cond(&m) || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod parser_tests {
+    use super::*;
+
+    #[test]
+    fn parses_samples_and_escaped_labels() {
+        let m = Metrics(
+            "# TYPE x counter\nx_total{a=\"1\",b=\"q\\\"z\"} 3\nx_total{a=\"2\"} 4\ny 7\n".into(),
+        );
+        assert_eq!(m.sum("x_total", &[]), 7.0);
+        assert_eq!(m.sum("x_total", &[("b", "q\"z")]), 3.0);
+        assert_eq!(m.sum("y", &[]), 7.0);
+        assert_eq!(m.sum("x_total", &[("a", "3")]), 0.0);
+    }
+}

@@ -1,1 +1,156 @@
-fn main(){}
+//! Developer tasks: `cargo xtask setup | build | run | test`.
+//!
+//! Every task that needs the eBPF toolchain runs `setup` first; `setup` is idempotent and fast
+//! when everything is already in place.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "tanzhen developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install everything the build and tests need: apt packages (promtool), rust-src for the
+    /// nightly toolchain, and bpf-linker built against nightly's LLVM (cached).
+    Setup,
+    /// Set up, then build the agent (with its embedded eBPF object).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build the agent in release mode and run it (as root) with its default probes;
+    /// arguments after `--` go to `tanzhen run`.
+    Run {
+        /// Extra arguments for `tanzhen run`, e.g. `-- --listen 127.0.0.1:9527`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test: unit tests, then the privileged end-to-end tests against
+    /// the real kernel (needs root).
+    Test {
+        /// Only run tests whose name contains this string.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup::all(),
+        Task::Build { release } => {
+            setup::all()?;
+            build(&root, release)
+        }
+        Task::Run { args } => {
+            setup::all()?;
+            build(&root, true)?;
+            let bin = target_dir(&root).join("release/tanzhen");
+            step(&format!("running {} run {}", bin.display(), args.join(" ")));
+            let mut cmd = as_root(&bin);
+            cmd.arg("run").args(&args);
+            let status = cmd.status().with_context(|| format!("starting {}", bin.display()))?;
+            if !status.success() {
+                bail!("tanzhen exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { filter } => {
+            setup::all()?;
+            test(&root, filter.as_deref())
+        }
+    }
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    step(&format!(
+        "building the agent ({} profile; the first build compiles the eBPF object too, ~1-2 min)",
+        if release { "release" } else { "dev" }
+    ));
+    let mut cmd = cargo(root);
+    cmd.args(["build", "--package", "agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
+    build(root, false)?;
+    step("unit tests (agent, agent-common, xtask)");
+    let mut cmd = cargo(root);
+    cmd.args(["test", "--package", "agent", "--package", "agent-common", "--package", "xtask"]);
+    if let Some(f) = filter {
+        cmd.args(["--", f]);
+    }
+    run(&mut cmd)?;
+
+    if !setup::is_root() {
+        bail!(
+            "the end-to-end tests load eBPF programs into the kernel and need root: \
+             rerun as root (e.g. `sudo -E cargo xtask test`)"
+        );
+    }
+    step("end-to-end tests: the real tanzhen binary against this kernel (one at a time)");
+    let mut cmd = cargo(root);
+    cmd.args(["test", "--package", "tests", "--", "--test-threads=1"]);
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    cmd.env("TANZHEN_BIN", target_dir(root).join("debug/tanzhen"));
+    run(&mut cmd)
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the root) or `<root>/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d))
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+/// `cmd` as is when we are root, under `sudo -E` otherwise.
+fn as_root(bin: &Path) -> Command {
+    if setup::is_root() {
+        Command::new(bin)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(bin);
+        c
+    }
+}
+
+/// Prints a progress headline.
+pub fn step(msg: &str) {
+    eprintln!("\n==> {msg}");
+}
+
+/// Runs `cmd` with inherited output; fails with the command line on a non-zero exit.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! TCP probe end to end: exact connect, failure and accept counts for a workload whose threads
+//! carry distinctive names (the kernel's `comm`), read back from `/metrics`.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use crate::{Agent, Metrics, free_port, wait_for};
+
+/// A thread name (= comm, at most 15 bytes) unique to this test process.
+fn comm(prefix: &str) -> String {
+    let mut s = format!("{prefix}{}", std::process::id());
+    s.truncate(15);
+    s
+}
+
+/// Listens on `bind` in a thread named `name` and accepts `n` connections.
+/// Returns the listening address and the thread's handle.
+fn spawn_listener(name: &str, bind: SocketAddr, n: usize) -> (SocketAddr, thread::JoinHandle<usize>) {
+    let (tx, rx) = mpsc::channel();
+    let h = thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            // listen() runs here, so the kernel sees this thread's comm at CLOSE -> LISTEN.
+            let l = TcpListener::bind(bind).expect("bind listener");
+            tx.send(l.local_addr().unwrap()).unwrap();
+            let mut accepted = 0;
+            for _ in 0..n {
+                let (_s, _) = l.accept().expect("accept");
+                accepted += 1;
+            }
+            accepted
+        })
+        .unwrap();
+    (rx.recv().unwrap(), h)
+}
+
+/// In a thread named `name`: `ok` connects to `to`, then `refused` connects to `closed`.
+fn spawn_connector(name: &str, to: SocketAddr, ok: usize, closed: Option<SocketAddr>, refused: usize) -> (usize, usize) {
+    thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let mut established = 0;
+            for _ in 0..ok {
+                let mut s = TcpStream::connect(to).expect("connect to listener");
+                let _ = s.write_all(b"x");
+                established += 1;
+            }
+            let mut failed = 0;
+            if let Some(closed) = closed {
+                for _ in 0..refused {
+                    let e = TcpStream::connect(closed).expect_err("connect to a closed port must fail");
+                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                    failed += 1;
+                }
+            }
+            (established, failed)
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+fn lost(m: &Metrics) -> f64 {
+    m.sum("tanzhen_events_lost_total", &[("probe", "tcp")])
+}
+
+#[test]
+fn connects_failures_and_accepts_are_counted_exactly() {
+    let mut agent = Agent::start(&["--probes", "tcp"]);
+    let (client, server) = (comm("tzc"), comm("tzl"));
+    let before = agent.scrape();
+
+    let (listen_addr, listener) = spawn_listener(&server, (Ipv4Addr::LOCALHOST, 0).into(), 50);
+    let closed: SocketAddr = (Ipv4Addr::LOCALHOST, free_port()).into();
+    let (ok, failed) = spawn_connector(&client, listen_addr, 50, Some(closed), 20);
+    assert_eq!((ok, failed), (50, 20), "the workload itself");
+    assert_eq!(listener.join().unwrap(), 50);
+
+    let est = |m: &Metrics| m.sum("tanzhen_tcp_connects_total", &[("comm", &client), ("outcome", "established")]);
+    let fail = |m: &Metrics| m.sum("tanzhen_tcp_connects_total", &[("comm", &client), ("outcome", "failed")]);
+    let dur = |m: &Metrics| m.sum("tanzhen_tcp_connect_duration_seconds_count", &[("comm", &client)]);
+    let acc = |m: &Metrics| m.sum("tanzhen_tcp_accepts_total", &[("comm", &server)]);
+    wait_for(&agent, Duration::from_secs(15), |m| {
+        est(m) - est(&before) >= 50.0 && fail(m) - fail(&before) >= 20.0 && acc(m) - acc(&before) >= 50.0
+    });
+    // Let any extra (duplicate) events arrive too, so "exactly" means exactly.
+    thread::sleep(Duration::from_millis(500));
+    let after = agent.scrape();
+
+    let delta = |f: &dyn Fn(&Metrics) -> f64| f(&after) - f(&before);
+    assert_eq!(delta(&est), 50.0, "established connects for comm {client}\n{}", after.0);
+    assert_eq!(delta(&fail), 20.0, "failed connects for comm {client}\n{}", after.0);
+    assert_eq!(delta(&dur), 50.0, "duration histogram count for comm {client}\n{}", after.0);
+    assert_eq!(delta(&acc), 50.0, "accepts for listener comm {server}\n{}", after.0);
+    let inf = after.sum("tanzhen_tcp_connect_duration_seconds_bucket", &[("comm", &client), ("le", "+Inf")]);
+    assert_eq!(inf, dur(&after), "+Inf bucket equals the count");
+    let sum = after.sum("tanzhen_tcp_connect_duration_seconds_sum", &[("comm", &client)]);
+    assert!(sum > 0.0 && sum < 50.0 * 10.0, "plausible total connect time {sum}");
+    assert_eq!(lost(&after), 0.0, "events lost\n{}", after.0);
+    assert_eq!(after.sum("tanzhen_probe_up", &[("probe", "tcp")]), 1.0);
+    assert_eq!(after.sum("tanzhen_decode_errors_total", &[]), 0.0);
+
+    promtool_accepts(&after);
+    assert_eq!(agent.stop(), Some(0), "SIGTERM exits 0\n{}", agent.log_text());
+}
+
+#[test]
+fn ipv6_connects_are_counted() {
+    if TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_err() {
+        panic!("IPv6 loopback is unavailable on this machine; the TCP probe's IPv6 path cannot be tested");
+    }
+    let agent = Agent::start(&["--probes", "tcp"]);
+    let (client, server) = (comm("tz6c"), comm("tz6l"));
+    let (addr, listener) = spawn_listener(&server, (Ipv6Addr::LOCALHOST, 0).into(), 7);
+    let closed: SocketAddr = (Ipv6Addr::LOCALHOST, free_port()).into();
+    assert_eq!(spawn_connector(&client, addr, 7, Some(closed), 3), (7, 3));
+    assert_eq!(listener.join().unwrap(), 7);
+    let est = |m: &Metrics| m.sum("tanzhen_tcp_connects_total", &[("comm", &client), ("outcome", "established")]);
+    let m = wait_for(&agent, Duration::from_secs(15), |m| est(m) >= 7.0);
+    assert_eq!(est(&m), 7.0, "{}", m.0);
+    assert_eq!(m.sum("tanzhen_tcp_connects_total", &[("comm", &client), ("outcome", "failed")]), 3.0, "{}", m.0);
+    assert_eq!(m.sum("tanzhen_tcp_accepts_total", &[("comm", &server)]), 7.0, "{}", m.0);
+    assert_eq!(lost(&m), 0.0);
+}
+
+/// `promtool check metrics` (Debian's prometheus package) must accept the scrape.
+fn promtool_accepts(m: &Metrics) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool not found: install Debian's prometheus package (cargo xtask setup does)");
+    child.stdin.take().unwrap().write_all(m.0.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- scrape ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        m.0
+    );
+}
