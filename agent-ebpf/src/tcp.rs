@@ -43,8 +43,7 @@ static TCP_TP_OFFSETS: Array<TcpTpOffsets> = Array::with_max_entries(1, 0);
 static TCP_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(TCP_LOST_REASONS, 0);
 
 #[map]
-static TCP_CONNECTS: HashMap<u64, TcpConnectStart> =
-    HashMap::with_max_entries(TCP_CONNECTS_MAX, 0);
+static TCP_CONNECTS: HashMap<u64, TcpConnectStart> = HashMap::with_max_entries(TCP_CONNECTS_MAX, 0);
 
 #[map]
 static TCP_LISTENERS: HashMap<u32, TcpListener> = HashMap::with_max_entries(TCP_LISTENERS_MAX, 0);
@@ -142,7 +141,10 @@ fn on_listen(ctx: &TracePointContext, off: &TcpTpOffsets, skaddr: u64) -> Result
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     };
-    if TCP_LISTENERS.insert(&u32::from(sport), &listener, 0).is_err() {
+    if TCP_LISTENERS
+        .insert(&u32::from(sport), &listener, 0)
+        .is_err()
+    {
         count_lost(TCP_LOST_MAP_FULL);
     }
     Ok(())
@@ -167,7 +169,17 @@ fn on_accept(ctx: &TracePointContext, off: &TcpTpOffsets) -> Result<(), i64> {
     match unsafe { TCP_LISTENERS.get(&sport) } {
         Some(l) => {
             let l = *l;
-            emit(ctx, off, TCP_EVENT_ACCEPT, now, 0, l.cgroup_id, l.tgid, l.tgid, &l.comm)
+            emit(
+                ctx,
+                off,
+                TCP_EVENT_ACCEPT,
+                now,
+                0,
+                l.cgroup_id,
+                l.tgid,
+                l.tgid,
+                &l.comm,
+            )
         }
         // Listening since before we attached: report it without a process.
         None => emit(ctx, off, TCP_EVENT_ACCEPT, now, 0, 0, 0, 0, &[0; COMM_LEN]),
@@ -175,7 +187,10 @@ fn on_accept(ctx: &TracePointContext, off: &TcpTpOffsets) -> Result<(), i64> {
 }
 
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "flat arguments keep the verifier's job simple")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat arguments keep the verifier's job simple"
+)]
 fn emit(
     ctx: &TracePointContext,
     off: &TcpTpOffsets,
@@ -189,7 +204,10 @@ fn emit(
 ) -> Result<(), i64> {
     let family: u16 = read(ctx, off.family)?;
     let (saddr, daddr) = if family == AF_INET6 {
-        (read::<[u8; 16]>(ctx, off.saddr_v6)?, read::<[u8; 16]>(ctx, off.daddr_v6)?)
+        (
+            read::<[u8; 16]>(ctx, off.saddr_v6)?,
+            read::<[u8; 16]>(ctx, off.daddr_v6)?,
+        )
     } else if family == AF_INET {
         let s: [u8; 4] = read(ctx, off.saddr)?;
         let d: [u8; 4] = read(ctx, off.daddr)?;

@@ -46,17 +46,22 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RunError> {
     let l = std::net::TcpListener::bind(addr).map_err(|e| {
         let why = match e.kind() {
             io::ErrorKind::AddrInUse => {
-                "the port is already in use; stop what holds it or pick another with --listen".to_owned()
+                "the port is already in use; stop what holds it or pick another with --listen"
+                    .to_owned()
             }
             io::ErrorKind::AddrNotAvailable => {
-                "no local interface has that address; use 0.0.0.0 or an address of this host".to_owned()
+                "no local interface has that address; use 0.0.0.0 or an address of this host"
+                    .to_owned()
             }
-            io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need root)".to_owned(),
+            io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need root)".to_owned()
+            }
             _ => e.to_string(),
         };
         RunError::Usage(format!("cannot listen on {addr}: {why}"))
     })?;
-    l.set_nonblocking(true).map_err(|e| RunError::Fatal(format!("listener: {e}")))?;
+    l.set_nonblocking(true)
+        .map_err(|e| RunError::Fatal(format!("listener: {e}")))?;
     Ok(l)
 }
 
@@ -141,7 +146,9 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
         }
     }
     if attached.is_empty() {
-        return Err(RunError::Fatal("no probe could attach; see `tanzhen check`".into()));
+        return Err(RunError::Fatal(
+            "no probe could attach; see `tanzhen check`".into(),
+        ));
     }
 
     let addr = listener.local_addr().map_err(|e| fatal(&e))?;

@@ -21,24 +21,44 @@ pub fn check() -> bool {
     row(
         &mut out,
         "BTF",
-        if kernel::has_btf() { "present (/sys/kernel/btf/vmlinux)" } else { "absent (tanzhen does not need it)" },
+        if kernel::has_btf() {
+            "present (/sys/kernel/btf/vmlinux)"
+        } else {
+            "absent (tanzhen does not need it)"
+        },
     );
     let ringbuf = kernel::has_ringbuf();
     match &ringbuf {
         Ok(true) => row(&mut out, "BPF ring buffer", "supported"),
         Ok(false) => {
             ok = false;
-            row(&mut out, "BPF ring buffer", "NOT supported (kernel < 5.8); this build needs it");
+            row(
+                &mut out,
+                "BPF ring buffer",
+                "NOT supported (kernel < 5.8); this build needs it",
+            );
         }
         Err(e) => {
             ok = false;
-            row(&mut out, "BPF ring buffer", &format!("unknown: probing failed: {e} (are you root?)"));
+            row(
+                &mut out,
+                "BPF ring buffer",
+                &format!("unknown: probing failed: {e} (are you root?)"),
+            );
         }
     }
     let tracefs = kernel::tracefs();
     match &tracefs {
-        Ok(t) if t.mounted_now => row(&mut out, "tracefs", &format!("mounted now at {}", t.path.display())),
-        Ok(t) => row(&mut out, "tracefs", &format!("mounted at {}", t.path.display())),
+        Ok(t) if t.mounted_now => row(
+            &mut out,
+            "tracefs",
+            &format!("mounted now at {}", t.path.display()),
+        ),
+        Ok(t) => row(
+            &mut out,
+            "tracefs",
+            &format!("mounted at {}", t.path.display()),
+        ),
         Err(e) => {
             ok = false;
             row(&mut out, "tracefs", &format!("MISSING: {e}"));
@@ -49,18 +69,31 @@ pub fn check() -> bool {
         if let Some(v) = version
             && v < p.min_kernel
         {
-            problems.push(format!("needs kernel >= {}.{}", p.min_kernel.0, p.min_kernel.1));
+            problems.push(format!(
+                "needs kernel >= {}.{}",
+                p.min_kernel.0, p.min_kernel.1
+            ));
         }
         for hook in p.hooks {
             let Hook::Tracepoint { category, name } = *hook;
             let present = tracefs.as_ref().is_ok_and(|t| {
-                t.path.join("events").join(category).join(name).join("format").exists()
+                t.path
+                    .join("events")
+                    .join(category)
+                    .join(name)
+                    .join("format")
+                    .exists()
             });
             if !present {
                 problems.push(format!("{hook} missing"));
             }
         }
-        let hooks = p.hooks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let hooks = p
+            .hooks
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let status = match (p.built, problems.is_empty()) {
             (true, true) => format!("ok: {hooks} present"),
             (true, false) => {
@@ -80,9 +113,18 @@ pub fn check() -> bool {
 pub fn probes() {
     let mut out = String::new();
     for p in PROBES {
-        let state = if p.built { "" } else { "  [not built in this version]" };
+        let state = if p.built {
+            ""
+        } else {
+            "  [not built in this version]"
+        };
         let _ = writeln!(out, "{}{state}\n  {}", p.name, p.summary);
-        let hooks = p.hooks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let hooks = p
+            .hooks
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let _ = writeln!(out, "  hooks:       {hooks}");
         let _ = writeln!(out, "  min kernel:  {}.{}", p.min_kernel.0, p.min_kernel.1);
         let _ = writeln!(out, "  metrics:     {}\n", p.metrics.join(", "));

@@ -7,7 +7,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::probe;
 
 /// Version string: crate version plus the git revision it was built from.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("TANZHEN_GIT_REV"), ")");
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("TANZHEN_GIT_REV"),
+    ")"
+);
 
 /// tanzhen (探针): eBPF observability agent for TCP connects, system calls and the scheduler,
 /// exporting Prometheus metrics.
@@ -81,7 +86,9 @@ impl From<LogLevel> for log::LevelFilter {
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>().map_err(|_| {
-        format!("`{s}` is not an IP:PORT address; use e.g. 0.0.0.0:9527, 127.0.0.1:9527 or [::]:9527")
+        format!(
+            "`{s}` is not an IP:PORT address; use e.g. 0.0.0.0:9527, 127.0.0.1:9527 or [::]:9527"
+        )
     })
 }
 
@@ -101,7 +108,11 @@ impl Cli {
 #[must_use]
 pub fn one_line(e: &clap::Error) -> String {
     let rendered = e.render().to_string();
-    let first = rendered.lines().next().unwrap_or("").trim_start_matches("error: ");
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("error: ");
     format!("tanzhen: error: {first}")
 }
 
@@ -158,9 +169,16 @@ mod tests {
     fn bad_listen_address() {
         for bad in ["9527", "localhost:9527", "1.2.3.4:99999", "0.0.0.0"] {
             let e = run_args(&["--listen", bad]).unwrap_err();
-            assert!(one_line(&e).contains("is not an IP:PORT address"), "{bad}: {}", one_line(&e));
+            assert!(
+                one_line(&e).contains("is not an IP:PORT address"),
+                "{bad}: {}",
+                one_line(&e)
+            );
         }
-        assert_eq!(run_args(&["--listen", "[::1]:9"]).unwrap().listen, "[::1]:9".parse().unwrap());
+        assert_eq!(
+            run_args(&["--listen", "[::1]:9"]).unwrap().listen,
+            "[::1]:9".parse().unwrap()
+        );
     }
 
     #[test]
@@ -177,7 +195,12 @@ mod tests {
         for sub in cmd.get_subcommands() {
             assert!(sub.get_about().is_some(), "{} has no help", sub.get_name());
             for arg in sub.get_arguments() {
-                assert!(arg.get_help().is_some(), "{} --{} has no help", sub.get_name(), arg.get_id());
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{} has no help",
+                    sub.get_name(),
+                    arg.get_id()
+                );
             }
         }
     }

@@ -17,7 +17,12 @@ pub enum KernelError {
     )]
     NoTracefs(io::Error),
     #[error("tracepoint {category}:{name} is missing from this kernel ({path}: {source})")]
-    NoTracepoint { category: String, name: String, path: PathBuf, source: io::Error },
+    NoTracepoint {
+        category: String,
+        name: String,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("cannot parse {path}: {reason}")]
     BadFormat { path: PathBuf, reason: String },
 }
@@ -35,13 +40,21 @@ pub fn uname() -> Uname {
     // SAFETY: utsname is plain old data; uname fills it with NUL-terminated strings.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
     if unsafe { libc::uname(&raw mut u) } != 0 {
-        return Uname { release: "unknown".into(), machine: std::env::consts::ARCH.into() };
+        return Uname {
+            release: "unknown".into(),
+            machine: std::env::consts::ARCH.into(),
+        };
     }
     let s = |f: &[libc::c_char]| {
         // SAFETY: the kernel NUL-terminates every field.
-        unsafe { CStr::from_ptr(f.as_ptr()) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(f.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
     };
-    Uname { release: s(&u.release), machine: s(&u.machine) }
+    Uname {
+        release: s(&u.release),
+        machine: s(&u.machine),
+    }
 }
 
 /// Parses `major.minor` from a release string such as `6.1.0-56-amd64` or `4.19.90-52.22.v2207.ky10`.
@@ -65,11 +78,17 @@ pub struct Tracefs {
 pub fn tracefs() -> Result<Tracefs, KernelError> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if let Some(p) = find_tracefs(&mounts) {
-        return Ok(Tracefs { path: p, mounted_now: false });
+        return Ok(Tracefs {
+            path: p,
+            mounted_now: false,
+        });
     }
     let target = Path::new("/sys/kernel/tracing");
     mount("nodev", target, "tracefs").map_err(KernelError::NoTracefs)?;
-    Ok(Tracefs { path: target.to_owned(), mounted_now: true })
+    Ok(Tracefs {
+        path: target.to_owned(),
+        mounted_now: true,
+    })
 }
 
 /// The tracefs directory named by a /proc/mounts text, if any.
@@ -113,11 +132,29 @@ fn unescape_mount_path(s: &str) -> String {
 
 fn mount(src: &str, target: &Path, fstype: &str) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
-    let (src, target, fstype) = (c(src.as_bytes())?, c(target.as_os_str().as_bytes())?, c(fstype.as_bytes())?);
+    let c = |s: &[u8]| {
+        std::ffi::CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (src, target, fstype) = (
+        c(src.as_bytes())?,
+        c(target.as_os_str().as_bytes())?,
+        c(fstype.as_bytes())?,
+    );
     // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// One field of a tracepoint record.
@@ -138,13 +175,24 @@ impl Format {
     /// Offset of `name` if it exists with `size` bytes (sizes guard against a changed type).
     #[must_use]
     pub fn offset(&self, name: &str, size: u32) -> Option<u32> {
-        self.fields.get(name).filter(|f| f.size == size).map(|f| f.offset)
+        self.fields
+            .get(name)
+            .filter(|f| f.size == size)
+            .map(|f| f.offset)
     }
 }
 
 /// Reads and parses `events/<category>/<name>/format` under tracefs.
-pub fn tracepoint_format(tracefs: &Path, category: &str, name: &str) -> Result<Format, KernelError> {
-    let path = tracefs.join("events").join(category).join(name).join("format");
+pub fn tracepoint_format(
+    tracefs: &Path,
+    category: &str,
+    name: &str,
+) -> Result<Format, KernelError> {
+    let path = tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
     let text = std::fs::read_to_string(&path).map_err(|source| KernelError::NoTracepoint {
         category: category.into(),
         name: name.into(),
@@ -160,10 +208,17 @@ pub fn parse_format(text: &str) -> Result<Format, String> {
     let mut fields = HashMap::new();
     for line in text.lines() {
         let line = line.trim();
-        let Some(rest) = line.strip_prefix("field:") else { continue };
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
         let mut decl = None;
         let (mut offset, mut size, mut signed) = (None, None, None);
-        for (i, part) in rest.split(';').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+        for (i, part) in rest
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .enumerate()
+        {
             if i == 0 {
                 decl = Some(part);
             } else if let Some(v) = part.strip_prefix("offset:") {
@@ -177,9 +232,18 @@ pub fn parse_format(text: &str) -> Result<Format, String> {
         let decl = decl.ok_or_else(|| format!("field line without a declaration: `{line}`"))?;
         let name = field_name(decl).ok_or_else(|| format!("no field name in `{decl}`"))?;
         let (Some(offset), Some(size)) = (offset, size) else {
-            return Err(format!("field `{name}` lacks a numeric offset or size: `{line}`"));
+            return Err(format!(
+                "field `{name}` lacks a numeric offset or size: `{line}`"
+            ));
         };
-        fields.insert(name.to_owned(), Field { offset, size, signed: signed.unwrap_or(false) });
+        fields.insert(
+            name.to_owned(),
+            Field {
+                offset,
+                size,
+                signed: signed.unwrap_or(false),
+            },
+        );
     }
     if fields.is_empty() {
         return Err("no fields found".into());
@@ -189,9 +253,12 @@ pub fn parse_format(text: &str) -> Result<Format, String> {
 
 /// The field name of a C declaration such as `const void * skaddr` or `__u8 saddr[4]`.
 fn field_name(decl: &str) -> Option<&str> {
-    let last = decl.rsplit(|c: char| c.is_whitespace() || c == '*').find(|s| !s.is_empty())?;
+    let last = decl
+        .rsplit(|c: char| c.is_whitespace() || c == '*')
+        .find(|s| !s.is_empty())?;
     let name = last.split('[').next()?;
-    (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(name)
+    (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .then_some(name)
 }
 
 /// Whether the kernel exposes its BTF (`/sys/kernel/btf/vmlinux`).
@@ -208,13 +275,19 @@ pub fn has_ringbuf() -> Result<bool, String> {
 /// Lifts RLIMIT_MEMLOCK (to infinity, or at least to the hard limit): kernels before 5.11
 /// charge BPF maps against it.
 pub fn raise_memlock_rlimit() {
-    let inf = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let inf = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscalls with valid pointers.
     unsafe {
         if libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const inf) == 0 {
             return;
         }
-        let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut cur) == 0 && cur.rlim_cur < cur.rlim_max {
             cur.rlim_cur = cur.rlim_max;
             libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const cur);
@@ -256,15 +329,23 @@ print fmt: \"family=%s protocol=%s\", REC->family, REC->protocol
         assert_eq!(f.offset("oldstate", 4), Some(16));
         assert_eq!(f.offset("saddr", 4), Some(32));
         assert_eq!(f.offset("daddr_v6", 16), Some(56));
-        assert_eq!(f.fields["oldstate"].signed, true);
-        assert_eq!(f.offset("skaddr", 4), None, "a size mismatch is treated as absent");
+        assert!(f.fields["oldstate"].signed);
+        assert_eq!(
+            f.offset("skaddr", 4),
+            None,
+            "a size mismatch is treated as absent"
+        );
         assert_eq!(f.offset("nope", 4), None);
     }
 
     #[test]
     fn rejects_broken_formats() {
         assert!(parse_format("").is_err());
-        assert!(parse_format("field:int x;\tsize:4;").unwrap_err().contains("offset"));
+        assert!(
+            parse_format("field:int x;\tsize:4;")
+                .unwrap_err()
+                .contains("offset")
+        );
         assert!(parse_format("field:;offset:1;size:2;").is_err());
         assert!(parse_format("field:int x;\toffset:abc;\tsize:4;").is_err());
     }
@@ -291,7 +372,10 @@ print fmt: \"family=%s protocol=%s\", REC->family, REC->protocol
     #[test]
     fn releases() {
         assert_eq!(parse_release("6.1.0-56-amd64"), Some((6, 1)));
-        assert_eq!(parse_release("4.19.90-52.22.v2207.ky10.aarch64"), Some((4, 19)));
+        assert_eq!(
+            parse_release("4.19.90-52.22.v2207.ky10.aarch64"),
+            Some((4, 19))
+        );
         assert_eq!(parse_release("garbage"), None);
     }
 }

@@ -13,7 +13,9 @@ pub enum LoadError {
          rebuild it after `cargo xtask setup`"
     )]
     EmptyObject,
-    #[error("loading the eBPF object failed: {0} (run `tanzhen check` to see what this kernel lacks)")]
+    #[error(
+        "loading the eBPF object failed: {0} (run `tanzhen check` to see what this kernel lacks)"
+    )]
     Ebpf(#[from] aya::EbpfError),
 }
 

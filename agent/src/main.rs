@@ -38,7 +38,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Check => {
-            if check::check() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if check::check() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

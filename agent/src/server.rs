@@ -40,7 +40,11 @@ async fn metrics(State(snapshot): State<Arc<Snapshot>>, headers: HeaderMap) -> R
         Ok(body) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
         Err(e) => {
             log::error!("encoding /metrics: {e}");
-            (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding metrics failed\n",
+            )
+                .into_response()
         }
     }
 }

@@ -39,7 +39,10 @@ pub struct CounterVec {
 
 impl CounterVec {
     fn new(desc: Desc) -> Self {
-        Self { desc, series: Mutex::default() }
+        Self {
+            desc,
+            series: Mutex::default(),
+        }
     }
 
     /// Adds `v` to the series `labels`.
@@ -67,7 +70,10 @@ impl CounterVec {
     /// A copy of every series.
     #[must_use]
     pub fn snapshot(&self) -> Vec<(LabelValues, u64)> {
-        lock(&self.series).iter().map(|(k, v)| (k.clone(), *v)).collect()
+        lock(&self.series)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 }
 
@@ -80,7 +86,10 @@ pub struct GaugeVec {
 
 impl GaugeVec {
     fn new(desc: Desc) -> Self {
-        Self { desc, series: Mutex::default() }
+        Self {
+            desc,
+            series: Mutex::default(),
+        }
     }
 
     /// Sets the series `labels` to `v`.
@@ -91,7 +100,10 @@ impl GaugeVec {
     /// A copy of every series.
     #[must_use]
     pub fn snapshot(&self) -> Vec<(LabelValues, i64)> {
-        lock(&self.series).iter().map(|(k, v)| (k.clone(), *v)).collect()
+        lock(&self.series)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 }
 
@@ -114,26 +126,60 @@ pub struct HistogramVec {
 
 impl HistogramVec {
     fn new(desc: Desc, bounds: &'static [f64]) -> Self {
-        debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{} bounds", desc.name);
-        Self { desc, bounds, series: Mutex::default() }
+        debug_assert!(
+            bounds.windows(2).all(|w| w[0] < w[1]),
+            "{} bounds",
+            desc.name
+        );
+        Self {
+            desc,
+            bounds,
+            series: Mutex::default(),
+        }
     }
 
     /// Records one observation `v`.
     pub fn observe(&self, labels: &[&str], v: f64) {
         let idx = bucket_index(self.bounds, v);
         let mut s = lock(&self.series);
-        let h = s.entry(owned(labels)).or_insert_with(|| {
-            HistogramData { counts: vec![0; self.bounds.len() + 1], sum: 0.0, count: 0 }
+        let h = s.entry(owned(labels)).or_insert_with(|| HistogramData {
+            counts: vec![0; self.bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
         });
         h.counts[idx] += 1;
         h.sum += v;
         h.count += 1;
     }
 
+    /// Adds pre-bucketed counts (one per bound, then the `+Inf` overflow), e.g. drained from a
+    /// kernel log2 histogram, and their `sum`. Extra trailing counts fold into `+Inf`.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "for the syscalls and sched probes")
+    )]
+    pub fn add_counts(&self, labels: &[&str], counts: &[u64], sum: f64) {
+        let n = self.bounds.len();
+        let mut s = lock(&self.series);
+        let h = s.entry(owned(labels)).or_insert_with(|| HistogramData {
+            counts: vec![0; n + 1],
+            sum: 0.0,
+            count: 0,
+        });
+        for (i, c) in counts.iter().enumerate() {
+            h.counts[i.min(n)] += c;
+            h.count += c;
+        }
+        h.sum += sum;
+    }
+
     /// A copy of every series.
     #[must_use]
     pub fn snapshot(&self) -> Vec<(LabelValues, HistogramData)> {
-        lock(&self.series).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        lock(&self.series)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 
@@ -146,6 +192,26 @@ pub fn bucket_index(bounds: &[f64], v: f64) -> usize {
     }
     bounds.partition_point(|b| *b < v)
 }
+
+/// Upper bounds, in seconds, of the kernel's log2 nanosecond slots 0..=63
+/// ([`agent_common::hist`]): slot `s` counts durations below `2^s` ns, exported as `le=2^s ns`.
+/// Slot 64 is the `+Inf` bucket.
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "for the syscalls and sched probes")
+)]
+pub static LOG2_NS_BOUNDS: [f64; 64] = {
+    let mut b = [0.0; 64];
+    let mut s = 0;
+    while s < 64 {
+        #[expect(clippy::cast_precision_loss, reason = "powers of two are exact in f64")]
+        {
+            b[s] = agent_common::hist::slot_upper_bound(s) as f64 / 1e9;
+        }
+        s += 1;
+    }
+    b
+};
 
 /// Any family, for exporters that walk them all.
 #[derive(Clone, Debug)]
@@ -199,7 +265,11 @@ mod tests {
     #[test]
     fn bucket_index_uses_le_semantics() {
         assert_eq!(bucket_index(BOUNDS, 0.0), 0);
-        assert_eq!(bucket_index(BOUNDS, 0.001), 0, "a value on a bound belongs to it");
+        assert_eq!(
+            bucket_index(BOUNDS, 0.001),
+            0,
+            "a value on a bound belongs to it"
+        );
         assert_eq!(bucket_index(BOUNDS, 0.0010001), 1);
         assert_eq!(bucket_index(BOUNDS, 0.1), 2);
         assert_eq!(bucket_index(BOUNDS, 5.0), 3, "past the last bound is +Inf");
@@ -209,7 +279,14 @@ mod tests {
     #[test]
     fn histogram_counts_sum_and_count() {
         let s = Snapshot::default();
-        let h = s.histogram(Desc { name: "h", help: "h", labels: &[] }, BOUNDS);
+        let h = s.histogram(
+            Desc {
+                name: "h",
+                help: "h",
+                labels: &[],
+            },
+            BOUNDS,
+        );
         for v in [0.0005, 0.002, 0.002, 7.0] {
             h.observe(&[], v);
         }
@@ -220,15 +297,47 @@ mod tests {
     }
 
     #[test]
+    fn pre_bucketed_counts_from_log2_slots() {
+        let s = Snapshot::default();
+        let h = s.histogram(
+            Desc {
+                name: "l",
+                help: "l",
+                labels: &["k"],
+            },
+            &LOG2_NS_BOUNDS,
+        );
+        let mut slots = [0u64; agent_common::hist::HIST_SLOTS];
+        slots[agent_common::hist::slot(1_500)] = 3; // 1.5 µs -> slot 11 (< 2048 ns)
+        slots[64] = 1;
+        h.add_counts(&["a"], &slots, 4.5e-6);
+        h.add_counts(&["a"], &slots, 4.5e-6);
+        let (_, d) = h.snapshot().pop().unwrap();
+        assert_eq!(d.count, 8);
+        assert_eq!(d.counts[11], 6);
+        assert_eq!(d.counts[64], 2, "slot 64 is +Inf");
+        assert!((LOG2_NS_BOUNDS[11] - 2.048e-6).abs() < 1e-15);
+        assert!(LOG2_NS_BOUNDS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
     fn counters_add_and_take_kernel_totals() {
         let s = Snapshot::default();
-        let c = s.counter(Desc { name: "c", help: "c", labels: &["a", "b"] });
+        let c = s.counter(Desc {
+            name: "c",
+            help: "c",
+            labels: &["a", "b"],
+        });
         c.inc_by(&["x", "y"], 2);
         c.inc_by(&["x", "y"], 3);
         c.inc_by(&["x", "z"], 1);
         assert_eq!(c.get(&["x", "y"]), 5);
         c.set_total(&["x", "y"], 4);
-        assert_eq!(c.get(&["x", "y"]), 5, "a kernel total never lowers a counter");
+        assert_eq!(
+            c.get(&["x", "y"]),
+            5,
+            "a kernel total never lowers a counter"
+        );
         c.set_total(&["x", "y"], 9);
         assert_eq!(c.get(&["x", "y"]), 9);
         assert_eq!(c.snapshot().len(), 2);

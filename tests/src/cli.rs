@@ -6,7 +6,10 @@ use std::{net::TcpListener, process::Command};
 use crate::tanzhen_bin;
 
 fn tanzhen(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(tanzhen_bin()).args(args).output().expect("run tanzhen");
+    let out = Command::new(tanzhen_bin())
+        .args(args)
+        .output()
+        .expect("run tanzhen");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -17,15 +20,25 @@ fn tanzhen(args: &[&str]) -> (Option<i32>, String, String) {
 fn assert_usage_error(args: &[&str], needle: &str) {
     let (code, _, err) = tanzhen(args);
     assert_eq!(code, Some(2), "{args:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?} must print one line: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?} must print one line: {err}"
+    );
     assert!(err.contains(needle), "{args:?}: `{needle}` not in: {err}");
 }
 
 #[test]
 fn bad_input_exits_2_with_one_line() {
-    assert_usage_error(&["run", "--probes", "tcp,bogus"], "unknown probe `bogus`; available probes: tcp");
+    assert_usage_error(
+        &["run", "--probes", "tcp,bogus"],
+        "unknown probe `bogus`; available probes: tcp",
+    );
     assert_usage_error(&["run", "--probes", "sched"], "not built");
-    assert_usage_error(&["run", "--listen", "nonsense"], "is not an IP:PORT address");
+    assert_usage_error(
+        &["run", "--listen", "nonsense"],
+        "is not an IP:PORT address",
+    );
 }
 
 #[test]
@@ -33,21 +46,33 @@ fn busy_port_exits_2_with_one_line() {
     crate::require_root();
     let held = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = held.local_addr().unwrap().to_string();
-    assert_usage_error(&["run", "--probes", "tcp", "--listen", &addr], "already in use");
+    assert_usage_error(
+        &["run", "--probes", "tcp", "--listen", &addr],
+        "already in use",
+    );
 }
 
 #[test]
 fn version_names_the_git_revision() {
     let (code, out, _) = tanzhen(&["--version"]);
     assert_eq!(code, Some(0));
-    assert!(out.starts_with("tanzhen ") && out.contains("(git "), "{out}");
+    assert!(
+        out.starts_with("tanzhen ") && out.contains("(git "),
+        "{out}"
+    );
 }
 
 #[test]
 fn probes_lists_hooks_and_kernels() {
     let (code, out, _) = tanzhen(&["probes"]);
     assert_eq!(code, Some(0));
-    for needle in ["tcp", "tracepoint sock:inet_sock_set_state", "min kernel:  4.16", "syscalls", "sched"] {
+    for needle in [
+        "tcp",
+        "tracepoint sock:inet_sock_set_state",
+        "min kernel:  4.16",
+        "syscalls",
+        "sched",
+    ] {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
     }
 }

@@ -39,7 +39,10 @@ pub fn require_root() {
 /// A loopback port nobody listens on right now.
 #[must_use]
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
 }
 
 /// A running `tanzhen run`, stopped with SIGTERM when dropped.
@@ -56,9 +59,17 @@ impl Agent {
     pub fn start(args: &[&str]) -> Self {
         require_root();
         let bin = tanzhen_bin();
-        assert!(bin.exists(), "{} is missing: build it with `cargo build -p agent`", bin.display());
+        assert!(
+            bin.exists(),
+            "{} is missing: build it with `cargo build -p agent`",
+            bin.display()
+        );
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = std::env::temp_dir().join(format!("tanzhen-e2e-{}-{}.log", std::process::id(), addr.port()));
+        let log = std::env::temp_dir().join(format!(
+            "tanzhen-e2e-{}-{}.log",
+            std::process::id(),
+            addr.port()
+        ));
         let log_file = std::fs::File::create(&log).expect("create agent log");
         let child = Command::new(&bin)
             .arg("run")
@@ -68,16 +79,27 @@ impl Agent {
             .stderr(log_file)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let mut agent = Self { child: Some(child), addr, log };
+        let mut agent = Self {
+            child: Some(child),
+            addr,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok((200, _)) = http_get(addr, "/healthz") {
                 return agent;
             }
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tanzhen exited with {status} before serving:\n{}", agent.log_text());
+                panic!(
+                    "tanzhen exited with {status} before serving:\n{}",
+                    agent.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "tanzhen did not serve /healthz within 60 s:\n{}", agent.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "tanzhen did not serve /healthz within 60 s:\n{}",
+                agent.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -129,11 +151,21 @@ impl Drop for Agent {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -146,21 +178,31 @@ impl Metrics {
     #[must_use]
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.samples(name)
-            .filter(|(l, _)| labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
+            .filter(|(l, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
             .map(|(_, v)| v)
             .sum()
     }
 
     /// Every sample named exactly `name`: its labels and value.
-    pub fn samples<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (Vec<(String, String)>, f64)> + 'a {
-        self.0.lines().filter(|l| !l.starts_with('#')).filter_map(move |line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
-                None => (series, Vec::new()),
-            };
-            (n == name).then(|| (labels, value.parse().unwrap_or(f64::NAN)))
-        })
+    pub fn samples<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = (Vec<(String, String)>, f64)> + 'a {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(move |line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (n, labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
+                    None => (series, Vec::new()),
+                };
+                (n == name).then(|| (labels, value.parse().unwrap_or(f64::NAN)))
+            })
     }
 }
 

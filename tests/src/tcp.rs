@@ -21,7 +21,11 @@ fn comm(prefix: &str) -> String {
 
 /// Listens on `bind` in a thread named `name` and accepts `n` connections.
 /// Returns the listening address and the thread's handle.
-fn spawn_listener(name: &str, bind: SocketAddr, n: usize) -> (SocketAddr, thread::JoinHandle<usize>) {
+fn spawn_listener(
+    name: &str,
+    bind: SocketAddr,
+    n: usize,
+) -> (SocketAddr, thread::JoinHandle<usize>) {
     let (tx, rx) = mpsc::channel();
     let h = thread::Builder::new()
         .name(name.to_owned())
@@ -41,7 +45,13 @@ fn spawn_listener(name: &str, bind: SocketAddr, n: usize) -> (SocketAddr, thread
 }
 
 /// In a thread named `name`: `ok` connects to `to`, then `refused` connects to `closed`.
-fn spawn_connector(name: &str, to: SocketAddr, ok: usize, closed: Option<SocketAddr>, refused: usize) -> (usize, usize) {
+fn spawn_connector(
+    name: &str,
+    to: SocketAddr,
+    ok: usize,
+    closed: Option<SocketAddr>,
+    refused: usize,
+) -> (usize, usize) {
     thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
@@ -54,7 +64,8 @@ fn spawn_connector(name: &str, to: SocketAddr, ok: usize, closed: Option<SocketA
             let mut failed = 0;
             if let Some(closed) = closed {
                 for _ in 0..refused {
-                    let e = TcpStream::connect(closed).expect_err("connect to a closed port must fail");
+                    let e =
+                        TcpStream::connect(closed).expect_err("connect to a closed port must fail");
                     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
                     failed += 1;
                 }
@@ -82,38 +93,91 @@ fn connects_failures_and_accepts_are_counted_exactly() {
     assert_eq!((ok, failed), (50, 20), "the workload itself");
     assert_eq!(listener.join().unwrap(), 50);
 
-    let est = |m: &Metrics| m.sum("tanzhen_tcp_connects_total", &[("comm", &client), ("outcome", "established")]);
-    let fail = |m: &Metrics| m.sum("tanzhen_tcp_connects_total", &[("comm", &client), ("outcome", "failed")]);
-    let dur = |m: &Metrics| m.sum("tanzhen_tcp_connect_duration_seconds_count", &[("comm", &client)]);
+    let est = |m: &Metrics| {
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", &client), ("outcome", "established")],
+        )
+    };
+    let fail = |m: &Metrics| {
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", &client), ("outcome", "failed")],
+        )
+    };
+    let dur = |m: &Metrics| {
+        m.sum(
+            "tanzhen_tcp_connect_duration_seconds_count",
+            &[("comm", &client)],
+        )
+    };
     let acc = |m: &Metrics| m.sum("tanzhen_tcp_accepts_total", &[("comm", &server)]);
     wait_for(&agent, Duration::from_secs(15), |m| {
-        est(m) - est(&before) >= 50.0 && fail(m) - fail(&before) >= 20.0 && acc(m) - acc(&before) >= 50.0
+        est(m) - est(&before) >= 50.0
+            && fail(m) - fail(&before) >= 20.0
+            && acc(m) - acc(&before) >= 50.0
     });
     // Let any extra (duplicate) events arrive too, so "exactly" means exactly.
     thread::sleep(Duration::from_millis(500));
     let after = agent.scrape();
 
     let delta = |f: &dyn Fn(&Metrics) -> f64| f(&after) - f(&before);
-    assert_eq!(delta(&est), 50.0, "established connects for comm {client}\n{}", after.0);
-    assert_eq!(delta(&fail), 20.0, "failed connects for comm {client}\n{}", after.0);
-    assert_eq!(delta(&dur), 50.0, "duration histogram count for comm {client}\n{}", after.0);
-    assert_eq!(delta(&acc), 50.0, "accepts for listener comm {server}\n{}", after.0);
-    let inf = after.sum("tanzhen_tcp_connect_duration_seconds_bucket", &[("comm", &client), ("le", "+Inf")]);
+    assert_eq!(
+        delta(&est),
+        50.0,
+        "established connects for comm {client}\n{}",
+        after.0
+    );
+    assert_eq!(
+        delta(&fail),
+        20.0,
+        "failed connects for comm {client}\n{}",
+        after.0
+    );
+    assert_eq!(
+        delta(&dur),
+        50.0,
+        "duration histogram count for comm {client}\n{}",
+        after.0
+    );
+    assert_eq!(
+        delta(&acc),
+        50.0,
+        "accepts for listener comm {server}\n{}",
+        after.0
+    );
+    let inf = after.sum(
+        "tanzhen_tcp_connect_duration_seconds_bucket",
+        &[("comm", &client), ("le", "+Inf")],
+    );
     assert_eq!(inf, dur(&after), "+Inf bucket equals the count");
-    let sum = after.sum("tanzhen_tcp_connect_duration_seconds_sum", &[("comm", &client)]);
-    assert!(sum > 0.0 && sum < 50.0 * 10.0, "plausible total connect time {sum}");
+    let sum = after.sum(
+        "tanzhen_tcp_connect_duration_seconds_sum",
+        &[("comm", &client)],
+    );
+    assert!(
+        sum > 0.0 && sum < 50.0 * 10.0,
+        "plausible total connect time {sum}"
+    );
     assert_eq!(lost(&after), 0.0, "events lost\n{}", after.0);
     assert_eq!(after.sum("tanzhen_probe_up", &[("probe", "tcp")]), 1.0);
     assert_eq!(after.sum("tanzhen_decode_errors_total", &[]), 0.0);
 
     promtool_accepts(&after);
-    assert_eq!(agent.stop(), Some(0), "SIGTERM exits 0\n{}", agent.log_text());
+    assert_eq!(
+        agent.stop(),
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        agent.log_text()
+    );
 }
 
 #[test]
 fn ipv6_connects_are_counted() {
     if TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_err() {
-        panic!("IPv6 loopback is unavailable on this machine; the TCP probe's IPv6 path cannot be tested");
+        panic!(
+            "IPv6 loopback is unavailable on this machine; the TCP probe's IPv6 path cannot be tested"
+        );
     }
     let agent = Agent::start(&["--probes", "tcp"]);
     let (client, server) = (comm("tz6c"), comm("tz6l"));
@@ -121,11 +185,29 @@ fn ipv6_connects_are_counted() {
     let closed: SocketAddr = (Ipv6Addr::LOCALHOST, free_port()).into();
     assert_eq!(spawn_connector(&client, addr, 7, Some(closed), 3), (7, 3));
     assert_eq!(listener.join().unwrap(), 7);
-    let est = |m: &Metrics| m.sum("tanzhen_tcp_connects_total", &[("comm", &client), ("outcome", "established")]);
+    let est = |m: &Metrics| {
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", &client), ("outcome", "established")],
+        )
+    };
     let m = wait_for(&agent, Duration::from_secs(15), |m| est(m) >= 7.0);
     assert_eq!(est(&m), 7.0, "{}", m.0);
-    assert_eq!(m.sum("tanzhen_tcp_connects_total", &[("comm", &client), ("outcome", "failed")]), 3.0, "{}", m.0);
-    assert_eq!(m.sum("tanzhen_tcp_accepts_total", &[("comm", &server)]), 7.0, "{}", m.0);
+    assert_eq!(
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", &client), ("outcome", "failed")]
+        ),
+        3.0,
+        "{}",
+        m.0
+    );
+    assert_eq!(
+        m.sum("tanzhen_tcp_accepts_total", &[("comm", &server)]),
+        7.0,
+        "{}",
+        m.0
+    );
     assert_eq!(lost(&m), 0.0);
 }
 
@@ -138,7 +220,12 @@ fn promtool_accepts(m: &Metrics) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("promtool not found: install Debian's prometheus package (cargo xtask setup does)");
-    child.stdin.take().unwrap().write_all(m.0.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(m.0.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),

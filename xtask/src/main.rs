@@ -62,7 +62,9 @@ fn main() -> anyhow::Result<()> {
             step(&format!("running {} run {}", bin.display(), args.join(" ")));
             let mut cmd = as_root(&bin);
             cmd.arg("run").args(&args);
-            let status = cmd.status().with_context(|| format!("starting {}", bin.display()))?;
+            let status = cmd
+                .status()
+                .with_context(|| format!("starting {}", bin.display()))?;
             if !status.success() {
                 bail!("tanzhen exited with {status}");
             }
@@ -92,7 +94,15 @@ fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     build(root, false)?;
     step("unit tests (agent, agent-common, xtask)");
     let mut cmd = cargo(root);
-    cmd.args(["test", "--package", "agent", "--package", "agent-common", "--package", "xtask"]);
+    cmd.args([
+        "test",
+        "--package",
+        "agent",
+        "--package",
+        "agent-common",
+        "--package",
+        "xtask",
+    ]);
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }
@@ -121,7 +131,10 @@ fn target_dir(root: &Path) -> PathBuf {
 
 /// The workspace root (xtask lives one level below it).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_owned()
 }
 
 fn cargo(root: &Path) -> Command {

@@ -43,16 +43,32 @@ pub fn is_root() -> bool {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> =
-        APT_PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
-        eprintln!("==> apt packages: present ({})", APT_PACKAGES.iter().map(|p| p.0).collect::<Vec<_>>().join(", "));
+        eprintln!(
+            "==> apt packages: present ({})",
+            APT_PACKAGES
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {missing:?}: run `sudo apt-get install -y {}`", missing.join(" "));
+        bail!(
+            "missing Debian packages {missing:?}: run `sudo apt-get install -y {}`",
+            missing.join(" ")
+        );
     }
-    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     let apt = |args: &[&str]| {
         let mut c = Command::new("apt-get");
         c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
@@ -74,31 +90,62 @@ fn rustup(args: &[&str]) -> Command {
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let o = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !o.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
-    output(&mut rustup(&["run", EBPF_TOOLCHAIN, "rustc", "--print", "sysroot"])).map(PathBuf::from)
+    output(&mut rustup(&[
+        "run",
+        EBPF_TOOLCHAIN,
+        "rustc",
+        "--print",
+        "sysroot",
+    ]))
+    .map(PathBuf::from)
 }
 
 fn rust_src() -> anyhow::Result<()> {
     if Command::new("rustup").arg("--version").output().is_err() {
-        bail!("rustup not found: tanzhen's eBPF build needs rustup (https://rustup.rs) with a nightly toolchain");
+        bail!(
+            "rustup not found: tanzhen's eBPF build needs rustup (https://rustup.rs) with a nightly toolchain"
+        );
     }
     if nightly_sysroot().is_err() {
-        step(&format!("installing the {EBPF_TOOLCHAIN} toolchain (minimal profile)"));
-        run(&mut rustup(&["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal"]))
-            .context("rustup could not install the nightly toolchain")?;
+        step(&format!(
+            "installing the {EBPF_TOOLCHAIN} toolchain (minimal profile)"
+        ));
+        run(&mut rustup(&[
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+        ]))
+        .context("rustup could not install the nightly toolchain")?;
     }
     let sysroot = nightly_sysroot()?;
-    if sysroot.join("lib/rustlib/src/rust/library/Cargo.lock").exists() {
+    if sysroot
+        .join("lib/rustlib/src/rust/library/Cargo.lock")
+        .exists()
+    {
         eprintln!("==> rust-src for {EBPF_TOOLCHAIN}: present");
         return Ok(());
     }
-    step(&format!("adding rust-src to the {EBPF_TOOLCHAIN} toolchain"));
-    run(&mut rustup(&["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))
+    step(&format!(
+        "adding rust-src to the {EBPF_TOOLCHAIN} toolchain"
+    ));
+    run(&mut rustup(&[
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
 }
 
 /// The cache directory (`$TANZHEN_CACHE_DIR`, else `$XDG_CACHE_HOME/tanzhen`, else `~/.cache/tanzhen`).
@@ -122,12 +169,20 @@ struct Nightly {
 
 fn nightly_identity() -> anyhow::Result<Nightly> {
     let vv = output(&mut rustup(&["run", EBPF_TOOLCHAIN, "rustc", "-vV"]))?;
-    let field = |k: &str| vv.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_owned());
+    let field = |k: &str| {
+        vv.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_owned())
+    };
     let release = field("release:").context("rustc -vV printed no release")?;
     let commit = field("commit-hash:").unwrap_or_else(|| "unknown".into());
     let llvm = field("LLVM version:").context("rustc -vV printed no LLVM version")?;
     let llvm_major = llvm.split('.').next().unwrap_or_default().to_owned();
-    Ok(Nightly { release, commit: commit.chars().take(9).collect(), llvm_major })
+    Ok(Nightly {
+        release,
+        commit: commit.chars().take(9).collect(),
+        llvm_major,
+    })
 }
 
 fn linker_works(bin: &Path) -> bool {
@@ -143,19 +198,32 @@ fn linker_works(bin: &Path) -> bool {
 fn bpf_linker() -> anyhow::Result<()> {
     let n = nightly_identity()?;
     let cache = cache_dir();
-    let dir = cache.join(format!("bpf-linker-{BPF_LINKER_VERSION}-{}-{}", n.release, n.commit));
+    let dir = cache.join(format!(
+        "bpf-linker-{BPF_LINKER_VERSION}-{}-{}",
+        n.release, n.commit
+    ));
     let bin = dir.join("bin/bpf-linker");
     let link = cache.join("bin/bpf-linker");
     if !(bin.exists() && linker_works(&bin)) {
         build_bpf_linker(&n, &dir)?;
     } else {
-        eprintln!("==> bpf-linker {BPF_LINKER_VERSION} for rustc {} ({}): cached in {}", n.release, n.commit, dir.display());
+        eprintln!(
+            "==> bpf-linker {BPF_LINKER_VERSION} for rustc {} ({}): cached in {}",
+            n.release,
+            n.commit,
+            dir.display()
+        );
     }
     fs::create_dir_all(cache.join("bin"))?;
     let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(&bin, &link).with_context(|| format!("linking {}", link.display()))?;
+    std::os::unix::fs::symlink(&bin, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
     if !linker_works(&link) {
-        bail!("{} does not run; delete {} and rerun `cargo xtask setup`", link.display(), dir.display());
+        bail!(
+            "{} does not run; delete {} and rerun `cargo xtask setup`",
+            link.display(),
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -176,14 +244,15 @@ fn build_bpf_linker(n: &Nightly, dir: &Path) -> anyhow::Result<()> {
     for e in fs::read_dir(&libdir).with_context(|| format!("reading {}", libdir.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
         let target = libdir.join(&name);
-        let links: Vec<String> = if name.starts_with(&format!("libLLVM-{}", n.llvm_major)) && name.ends_with(".so") {
-            found = true;
-            vec!["libLLVM.so".into(), name.clone()]
-        } else if name.starts_with("libLLVM.so.") {
-            vec![name.clone()]
-        } else {
-            continue;
-        };
+        let links: Vec<String> =
+            if name.starts_with(&format!("libLLVM-{}", n.llvm_major)) && name.ends_with(".so") {
+                found = true;
+                vec!["libLLVM.so".into(), name.clone()]
+            } else if name.starts_with("libLLVM.so.") {
+                vec![name.clone()]
+            } else {
+                continue;
+            };
         for l in links {
             let p = llvm_lib.join(l);
             let _ = fs::remove_file(&p);

@@ -62,7 +62,11 @@ pub fn render(snapshot: &Arc<Snapshot>, format: Format) -> Result<String, std::f
 struct SnapshotCollector(Arc<Snapshot>);
 
 fn label_pairs<'a>(names: &'a [&'static str], values: &'a LabelValues) -> Vec<(&'a str, &'a str)> {
-    names.iter().copied().zip(values.iter().map(String::as_str)).collect()
+    names
+        .iter()
+        .copied()
+        .zip(values.iter().map(String::as_str))
+        .collect()
 }
 
 /// Encodes one sample set, adding the label set only when there is one (no `name{}`).
@@ -71,7 +75,11 @@ fn with_labels(
     labels: &[(&str, &str)],
     f: impl FnOnce(&mut MetricEncoder<'_>) -> Result<(), std::fmt::Error>,
 ) -> Result<(), std::fmt::Error> {
-    if labels.is_empty() { f(m) } else { f(&mut m.encode_family(&labels)?) }
+    if labels.is_empty() {
+        f(m)
+    } else {
+        f(&mut m.encode_family(&labels)?)
+    }
 }
 
 impl Collector for SnapshotCollector {
@@ -79,16 +87,26 @@ impl Collector for SnapshotCollector {
         for family in self.0.families() {
             match family {
                 Family::Counter(c) => {
-                    let mut m =
-                        encoder.encode_descriptor(c.desc.name, c.desc.help, None, MetricType::Counter)?;
+                    let mut m = encoder.encode_descriptor(
+                        c.desc.name,
+                        c.desc.help,
+                        None,
+                        MetricType::Counter,
+                    )?;
                     for (values, v) in c.snapshot() {
                         let labels = label_pairs(c.desc.labels, &values);
-                        with_labels(&mut m, &labels, |e| e.encode_counter::<NoLabelSet, u64, u64>(&v, None))?;
+                        with_labels(&mut m, &labels, |e| {
+                            e.encode_counter::<NoLabelSet, u64, u64>(&v, None)
+                        })?;
                     }
                 }
                 Family::Gauge(g) => {
-                    let mut m =
-                        encoder.encode_descriptor(g.desc.name, g.desc.help, None, MetricType::Gauge)?;
+                    let mut m = encoder.encode_descriptor(
+                        g.desc.name,
+                        g.desc.help,
+                        None,
+                        MetricType::Gauge,
+                    )?;
                     for (values, v) in g.snapshot() {
                         let labels = label_pairs(g.desc.labels, &values);
                         with_labels(&mut m, &labels, |e| e.encode_gauge(&v))?;
@@ -132,8 +150,8 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     let mut counters: Vec<&str> = Vec::new();
     let mut infos: Vec<&str> = Vec::new();
     for line in openmetrics.lines() {
-        if line.starts_with("# TYPE ") {
-            let mut it = line["# TYPE ".len()..].splitn(2, ' ');
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.splitn(2, ' ');
             let (name, kind) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
             match kind {
                 "counter" => counters.push(name),
@@ -146,7 +164,10 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
-        if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
+        if let Some(rest) = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "))
+        {
             let prefix = &line[..7];
             let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
             if counters.contains(&name) {
@@ -173,12 +194,24 @@ mod tests {
 
     fn sample() -> Arc<Snapshot> {
         let s = Arc::new(Snapshot::default());
-        let c = s.counter(Desc { name: "t_connects", help: "Connects.", labels: &["comm", "outcome"] });
+        let c = s.counter(Desc {
+            name: "t_connects",
+            help: "Connects.",
+            labels: &["comm", "outcome"],
+        });
         c.inc_by(&["curl", "established"], 3);
-        let g = s.gauge(Desc { name: "t_up", help: "Up.", labels: &["probe"] });
+        let g = s.gauge(Desc {
+            name: "t_up",
+            help: "Up.",
+            labels: &["probe"],
+        });
         g.set(&["tcp"], 1);
         let h = s.histogram(
-            Desc { name: "t_duration_seconds", help: "Duration.", labels: &[] },
+            Desc {
+                name: "t_duration_seconds",
+                help: "Duration.",
+                labels: &[],
+            },
             &[0.1, 1.0],
         );
         h.observe(&[], 0.05);
@@ -190,10 +223,22 @@ mod tests {
     #[test]
     fn openmetrics_has_cumulative_buckets_and_eof() {
         let out = render(&sample(), Format::OpenMetrics).unwrap();
-        assert!(out.contains("t_connects_total{comm=\"curl\",outcome=\"established\"} 3"), "{out}");
-        assert!(out.contains("t_duration_seconds_bucket{le=\"0.1\"} 1"), "{out}");
-        assert!(out.contains("t_duration_seconds_bucket{le=\"1.0\"} 2"), "{out}");
-        assert!(out.contains("t_duration_seconds_bucket{le=\"+Inf\"} 3"), "{out}");
+        assert!(
+            out.contains("t_connects_total{comm=\"curl\",outcome=\"established\"} 3"),
+            "{out}"
+        );
+        assert!(
+            out.contains("t_duration_seconds_bucket{le=\"0.1\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("t_duration_seconds_bucket{le=\"1.0\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("t_duration_seconds_bucket{le=\"+Inf\"} 3"),
+            "{out}"
+        );
         assert!(out.contains("t_duration_seconds_count 3"), "{out}");
         assert!(out.trim_end().ends_with("# EOF"), "{out}");
     }
@@ -211,13 +256,18 @@ mod tests {
     #[test]
     fn info_becomes_gauge() {
         let om = "# HELP x Build.\n# TYPE x info\nx_info{v=\"1\"} 1\n# EOF\n";
-        assert_eq!(to_prometheus_text(om), "# HELP x_info Build.\n# TYPE x_info gauge\nx_info{v=\"1\"} 1\n");
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_info Build.\n# TYPE x_info gauge\nx_info{v=\"1\"} 1\n"
+        );
     }
 
     #[test]
     fn negotiation() {
         assert_eq!(
-            Format::negotiate(Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5")),
+            Format::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )),
             Format::OpenMetrics
         );
         assert_eq!(Format::negotiate(Some("text/plain")), Format::Text);

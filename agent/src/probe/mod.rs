@@ -38,7 +38,10 @@ pub enum ProbeKind {
 #[derive(Clone, Copy, Debug)]
 pub enum Hook {
     /// A tracepoint `category:name` (tracefs `events/<category>/<name>`).
-    Tracepoint { category: &'static str, name: &'static str },
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
 }
 
 impl fmt::Display for Hook {
@@ -74,7 +77,10 @@ pub const PROBES: &[ProbeInfo] = &[
             "tanzhen_tcp_connect_duration_seconds",
             "tanzhen_tcp_accepts_total{comm}",
         ],
-        hooks: &[Hook::Tracepoint { category: "sock", name: "inet_sock_set_state" }],
+        hooks: &[Hook::Tracepoint {
+            category: "sock",
+            name: "inet_sock_set_state",
+        }],
         min_kernel: (4, 16),
         built: true,
     },
@@ -88,8 +94,14 @@ pub const PROBES: &[ProbeInfo] = &[
             "tanzhen_syscall_duration_seconds{syscall}",
         ],
         hooks: &[
-            Hook::Tracepoint { category: "raw_syscalls", name: "sys_enter" },
-            Hook::Tracepoint { category: "raw_syscalls", name: "sys_exit" },
+            Hook::Tracepoint {
+                category: "raw_syscalls",
+                name: "sys_enter",
+            },
+            Hook::Tracepoint {
+                category: "raw_syscalls",
+                name: "sys_exit",
+            },
         ],
         min_kernel: (4, 19),
         built: false,
@@ -103,9 +115,18 @@ pub const PROBES: &[ProbeInfo] = &[
             "tanzhen_sched_context_switches_total{comm,kind}",
         ],
         hooks: &[
-            Hook::Tracepoint { category: "sched", name: "sched_wakeup" },
-            Hook::Tracepoint { category: "sched", name: "sched_wakeup_new" },
-            Hook::Tracepoint { category: "sched", name: "sched_switch" },
+            Hook::Tracepoint {
+                category: "sched",
+                name: "sched_wakeup",
+            },
+            Hook::Tracepoint {
+                category: "sched",
+                name: "sched_wakeup_new",
+            },
+            Hook::Tracepoint {
+                category: "sched",
+                name: "sched_switch",
+            },
         ],
         min_kernel: (4, 19),
         built: false,
@@ -116,7 +137,10 @@ impl ProbeKind {
     /// The catalogue entry of this probe.
     #[must_use]
     pub fn info(self) -> &'static ProbeInfo {
-        PROBES.iter().find(|p| p.kind == self).expect("every ProbeKind is in PROBES")
+        PROBES
+            .iter()
+            .find(|p| p.kind == self)
+            .expect("every ProbeKind is in PROBES")
     }
 
     /// The probe's name as the CLI spells it.
@@ -135,7 +159,12 @@ impl fmt::Display for ProbeKind {
 /// Probes this build ships, comma-separated (for messages).
 #[must_use]
 pub fn available_names() -> String {
-    PROBES.iter().filter(|p| p.built).map(|p| p.name).collect::<Vec<_>>().join(", ")
+    PROBES
+        .iter()
+        .filter(|p| p.built)
+        .map(|p| p.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A parsed `--probes` value: distinct probes in catalogue order, and whether `all` was
@@ -166,7 +195,10 @@ pub fn parse_list(s: &str) -> Result<ProbeList, String> {
     let mut all = false;
     for name in s.split(',').map(str::trim) {
         if name.is_empty() {
-            return Err(format!("empty probe name in `{s}`; available probes: {}", available_names()));
+            return Err(format!(
+                "empty probe name in `{s}`; available probes: {}",
+                available_names()
+            ));
         }
         if name == "all" {
             out.extend(PROBES.iter().filter(|p| p.built).map(|p| p.kind));
@@ -183,7 +215,10 @@ pub fn parse_list(s: &str) -> Result<ProbeList, String> {
                 ));
             }
             None => {
-                return Err(format!("unknown probe `{name}`; available probes: {}", available_names()));
+                return Err(format!(
+                    "unknown probe `{name}`; available probes: {}",
+                    available_names()
+                ));
             }
         }
     }
@@ -206,9 +241,19 @@ mod tests {
     #[test]
     fn rejects_unknown_and_unbuilt_with_the_available_list() {
         let e = parse_list("tcp,bogus").unwrap_err();
-        assert!(e.contains("unknown probe `bogus`") && e.contains("available probes: tcp"), "{e}");
+        assert!(
+            e.contains("unknown probe `bogus`") && e.contains("available probes: tcp"),
+            "{e}"
+        );
         let e = parse_list("syscalls").unwrap_err();
-        assert!(e.contains("not built") && e.contains("available probes: tcp"), "{e}");
-        assert!(parse_list("tcp,,").unwrap_err().contains("empty probe name"));
+        assert!(
+            e.contains("not built") && e.contains("available probes: tcp"),
+            "{e}"
+        );
+        assert!(
+            parse_list("tcp,,")
+                .unwrap_err()
+                .contains("empty probe name")
+        );
     }
 }

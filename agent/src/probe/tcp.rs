@@ -194,10 +194,13 @@ impl TcpProbe {
         let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
         let off = offsets(&format)?;
         if off.family == FIELD_ABSENT {
-            log::warn!("sock:inet_sock_set_state has no `family` field: IPv6 connects are not told apart yet");
+            log::warn!(
+                "sock:inet_sock_set_state has no `family` field: IPv6 connects are not told apart yet"
+            );
         }
         let mut offsets_map: Array<_, TcpTpOffsets> = Array::try_from(
-            ebpf.map_mut(TCP_TP_OFFSETS).ok_or(ProbeError::MissingMap(TCP_TP_OFFSETS))?,
+            ebpf.map_mut(TCP_TP_OFFSETS)
+                .ok_or(ProbeError::MissingMap(TCP_TP_OFFSETS))?,
         )?;
         offsets_map.set(0, off, 0)?;
 
@@ -208,14 +211,30 @@ impl TcpProbe {
         prog.load()?;
         prog.attach("sock", "inet_sock_set_state")?;
 
-        let ring = RingBuf::try_from(ebpf.take_map(TCP_EVENTS).ok_or(ProbeError::MissingMap(TCP_EVENTS))?)?;
-        let lost = PerCpuArray::try_from(ebpf.take_map(TCP_LOST).ok_or(ProbeError::MissingMap(TCP_LOST))?)?;
-        Ok(Self { ring, lost, metrics: TcpMetrics::register(snapshot), loss })
+        let ring = RingBuf::try_from(
+            ebpf.take_map(TCP_EVENTS)
+                .ok_or(ProbeError::MissingMap(TCP_EVENTS))?,
+        )?;
+        let lost = PerCpuArray::try_from(
+            ebpf.take_map(TCP_LOST)
+                .ok_or(ProbeError::MissingMap(TCP_LOST))?,
+        )?;
+        Ok(Self {
+            ring,
+            lost,
+            metrics: TcpMetrics::register(snapshot),
+            loss,
+        })
     }
 
     /// Drains the ring buffer until `stop` turns true, then drains what is left and returns.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ProbeError> {
-        let Self { ring, lost, metrics, loss } = self;
+        let Self {
+            ring,
+            lost,
+            metrics,
+            loss,
+        } = self;
         // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf.
         let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(std::io::Error::from)?;
@@ -242,7 +261,12 @@ fn drain(ring: &mut RingBuf<MapData>, metrics: &TcpMetrics, loss: &LossCounters)
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(ev) => {
-                log::trace!("tcp event kind={} comm={} peer={}", ev.kind, comm_str(&ev.comm), peer(&ev));
+                log::trace!(
+                    "tcp event kind={} comm={} peer={}",
+                    ev.kind,
+                    comm_str(&ev.comm),
+                    peer(&ev)
+                );
                 metrics.record(&ev);
             }
             Err(e) => {
@@ -257,7 +281,9 @@ fn read_lost(lost: &PerCpuArray<MapData, u64>, loss: &LossCounters) {
     for (i, reason) in LOST_REASONS.iter().enumerate() {
         #[expect(clippy::cast_possible_truncation, reason = "i < TCP_LOST_REASONS")]
         match lost.get(&(i as u32), 0) {
-            Ok(per_cpu) => loss.events_lost.set_total(&[PROBE, reason], per_cpu.iter().sum()),
+            Ok(per_cpu) => loss
+                .events_lost
+                .set_total(&[PROBE, reason], per_cpu.iter().sum()),
             Err(e) => log::debug!("tcp: reading {TCP_LOST}[{i}]: {e}"),
         }
     }
@@ -307,8 +333,14 @@ mod tests {
         for len in [0, 1, 8, TCP_EVENT_SIZE - 1] {
             assert_eq!(decode(&b[..len]).unwrap_err(), DecodeError::Size(len));
         }
-        assert_eq!(decode(&bytes(&event(99))).unwrap_err(), DecodeError::Kind(99));
-        assert!(matches!(decode(&[0xff; TCP_EVENT_SIZE]), Err(DecodeError::Kind(_))));
+        assert_eq!(
+            decode(&bytes(&event(99))).unwrap_err(),
+            DecodeError::Kind(99)
+        );
+        assert!(matches!(
+            decode(&[0xff; TCP_EVENT_SIZE]),
+            Err(DecodeError::Kind(_))
+        ));
         // Records longer than the struct (a newer kernel side) still decode.
         let mut long = b.clone();
         long.extend_from_slice(&[0; 8]);
