@@ -153,9 +153,10 @@ fn on_listen(ctx: &TracePointContext, off: &TcpTpOffsets, skaddr: u64) -> Result
 #[inline(always)]
 fn on_unlisten(ctx: &TracePointContext, off: &TcpTpOffsets, skaddr: u64) -> Result<(), i64> {
     let sport = u32::from(read::<u16>(ctx, off.sport)?);
-    // Only the socket that registered the port may remove it (SO_REUSEPORT siblings stay).
+    // Only the socket that registered the port may remove it (SO_REUSEPORT siblings stay);
+    // entries seeded from /proc at start-up (skaddr 0) go with any socket on their port.
     if let Some(l) = unsafe { TCP_LISTENERS.get(&sport) }
-        && l.skaddr == skaddr
+        && (l.skaddr == skaddr || l.skaddr == 0)
     {
         let _ = TCP_LISTENERS.remove(&sport);
     }

@@ -122,6 +122,14 @@ fn connects_failures_and_accepts_are_counted_exactly() {
     let after = agent.scrape();
 
     let delta = |f: &dyn Fn(&Metrics) -> f64| f(&after) - f(&before);
+    eprintln!(
+        "observed for comm {client}/{server}: established +{} failed +{} duration count +{} accepts +{} lost {}",
+        delta(&est),
+        delta(&fail),
+        delta(&dur),
+        delta(&acc),
+        lost(&after)
+    );
     assert_eq!(
         delta(&est),
         50.0,
@@ -233,6 +241,50 @@ fn promtool_accepts(m: &Metrics) {
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
+        m.0
+    );
+}
+
+#[test]
+fn listeners_started_before_the_agent_are_named() {
+    let server = comm("tzpre");
+    // The listener thread calls listen() before tanzhen is running, then waits for a go.
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let h = thread::Builder::new()
+        .name(server.clone())
+        .spawn(move || {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            addr_tx.send(l.local_addr().unwrap()).unwrap();
+            go_rx.recv().unwrap();
+            for _ in 0..5 {
+                let _ = l.accept().unwrap();
+            }
+        })
+        .unwrap();
+    let addr = addr_rx.recv().unwrap();
+    let agent = Agent::start(&["--probes", "tcp"]);
+    go_tx.send(()).unwrap();
+    assert_eq!(spawn_connector(&comm("tzprec"), addr, 5, None, 0), (5, 0));
+    h.join().unwrap();
+    // /proc cannot tell which thread called listen(): a listener found at start-up carries its
+    // process's name, the main thread's comm.
+    let process = std::fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim_end()
+        .to_owned();
+    let acc = |m: &Metrics| m.sum("tanzhen_tcp_accepts_total", &[("comm", &process)]);
+    let m = wait_for(&agent, Duration::from_secs(15), |m| acc(m) >= 5.0);
+    assert_eq!(
+        acc(&m),
+        5.0,
+        "accepts of a pre-existing listener, by process comm {process}\n{}",
+        m.0
+    );
+    assert_eq!(
+        m.sum("tanzhen_tcp_accepts_total", &[("comm", "[unknown]")]),
+        0.0,
+        "{}",
         m.0
     );
 }

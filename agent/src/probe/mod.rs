@@ -1,6 +1,7 @@
 //! The probe catalogue: what each probe measures, the kernel hooks it needs, and whether this
 //! build ships it. `tanzhen probes`, `tanzhen check` and `--probes` all read it.
 
+pub mod listeners;
 pub mod tcp;
 
 use std::fmt;

@@ -7,15 +7,18 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use agent_common::tcp::{
-    AF_INET6, FIELD_ABSENT, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
-    TCP_EVENT_CONNECT_FAILED, TCP_EVENT_SIZE, TCP_EVENTS, TCP_LOST, TCP_LOST_MAP_FULL,
-    TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL, TCP_TP_OFFSETS, TcpEvent,
-    TcpTpOffsets,
+use agent_common::{
+    COMM_LEN,
+    tcp::{
+        AF_INET6, FIELD_ABSENT, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
+        TCP_EVENT_CONNECT_FAILED, TCP_EVENT_SIZE, TCP_EVENTS, TCP_LISTENERS, TCP_LOST,
+        TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL,
+        TCP_TP_OFFSETS, TcpEvent, TcpListener, TcpTpOffsets,
+    },
 };
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 use tokio::{
@@ -25,7 +28,7 @@ use tokio::{
 
 use crate::{
     kernel::{self, Format},
-    probe::ProbeError,
+    probe::{ProbeError, listeners},
     snapshot::{CounterVec, Desc, HistogramVec, Snapshot},
 };
 
@@ -211,6 +214,10 @@ impl TcpProbe {
         prog.load()?;
         prog.attach("sock", "inet_sock_set_state")?;
 
+        // After attach, so a listener created meanwhile is caught by the program; NOEXIST keeps
+        // what the program recorded since.
+        seed_listeners(ebpf)?;
+
         let ring = RingBuf::try_from(
             ebpf.take_map(TCP_EVENTS)
                 .ok_or(ProbeError::MissingMap(TCP_EVENTS))?,
@@ -255,6 +262,39 @@ impl TcpProbe {
         read_lost(&lost, &loss);
         Ok(())
     }
+}
+
+/// Records the processes already listening (see [`listeners`]) in `TCP_LISTENERS`.
+fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    const BPF_NOEXIST: u64 = 1;
+    let mut map: HashMap<_, u32, TcpListener> = HashMap::try_from(
+        ebpf.map_mut(TCP_LISTENERS)
+            .ok_or(ProbeError::MissingMap(TCP_LISTENERS))?,
+    )?;
+    let found = listeners::scan();
+    let mut seeded = 0usize;
+    for l in &found {
+        let mut comm = [0u8; COMM_LEN];
+        let n = l.comm.len().min(COMM_LEN - 1);
+        comm[..n].copy_from_slice(&l.comm.as_bytes()[..n]);
+        // skaddr 0: the program's LISTEN -> CLOSE drops such an entry for any socket on the port.
+        let v = TcpListener {
+            skaddr: 0,
+            cgroup_id: 0,
+            tgid: l.tgid,
+            _pad: 0,
+            comm,
+        };
+        match map.insert(u32::from(l.port), v, BPF_NOEXIST) {
+            Ok(()) => seeded += 1,
+            Err(e) => log::debug!("tcp: seeding listener on port {}: {e}", l.port),
+        }
+    }
+    log::debug!(
+        "tcp: {seeded} of {} listening sockets found in /proc seeded",
+        found.len()
+    );
+    Ok(())
 }
 
 fn drain(ring: &mut RingBuf<MapData>, metrics: &TcpMetrics, loss: &LossCounters) {
