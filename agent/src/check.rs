@@ -88,12 +88,7 @@ pub fn check() -> bool {
                 problems.push(format!("{hook} missing"));
             }
         }
-        let hooks = p
-            .hooks
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let hooks = p.hook_list();
         let status = match (p.built, problems.is_empty()) {
             (true, true) => format!("ok: {hooks} present"),
             (true, false) => {
@@ -119,12 +114,7 @@ pub fn probes() {
             "  [not built in this version]"
         };
         let _ = writeln!(out, "{}{state}\n  {}", p.name, p.summary);
-        let hooks = p
-            .hooks
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let hooks = p.hook_list();
         let _ = writeln!(out, "  hooks:       {hooks}");
         let _ = writeln!(out, "  min kernel:  {}.{}", p.min_kernel.0, p.min_kernel.1);
         let _ = writeln!(out, "  metrics:     {}\n", p.metrics.join(", "));

@@ -134,6 +134,14 @@ pub const PROBES: &[ProbeInfo] = &[
     },
 ];
 
+impl ProbeInfo {
+    /// The hooks as one comma-separated line.
+    #[must_use]
+    pub fn hook_list(&self) -> String {
+        self.hooks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    }
+}
+
 impl ProbeKind {
     /// The catalogue entry of this probe.
     #[must_use]
