@@ -67,6 +67,15 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RunError> {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
+    if args.dry_run {
+        let probes: Vec<&str> = args.probes.iter().map(|p| p.name()).collect();
+        println!(
+            "configuration ok: probes {}; listen {}",
+            probes.join(","),
+            args.listen
+        );
+        return Ok(());
+    }
     let listener = bind(args.listen)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

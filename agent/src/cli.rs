@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// Log verbosity.
     #[arg(long, env = "TANZHEN_LOG_LEVEL", default_value = "info", value_enum)]
     pub log_level: LogLevel,
+
+    /// Check the flags, print the resulting configuration and exit without loading anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Log verbosity levels.

@@ -22,9 +22,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install everything the build and tests need: apt packages (promtool), rust-src for the
-    /// nightly toolchain, and bpf-linker built against nightly's LLVM (cached).
-    Setup,
+    /// Install everything the build and tests need: apt packages (promtool), Python packages
+    /// (kubernetes-validate), rust-src for the nightly toolchain, and bpf-linker built against
+    /// nightly's LLVM (cached).
+    Setup {
+        /// Only what building the agent needs (no test tools): for image and package builds.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Set up, then build the agent (with its embedded eBPF object).
     Build {
         /// Build with the release profile.
@@ -50,7 +55,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     match cli.task {
-        Task::Setup => setup::all(),
+        Task::Setup { build_only } => {
+            if build_only {
+                setup::build_tools()
+            } else {
+                setup::all()
+            }
+        }
         Task::Build { release } => {
             setup::all()?;
             build(&root, release)
@@ -121,7 +132,12 @@ fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
         cmd.arg(f);
     }
     cmd.env("TANZHEN_BIN", target_dir(root).join("debug/tanzhen"));
-    run(&mut cmd)
+    run(&mut cmd)?;
+
+    step("deployment manifests: Kubernetes schemas and the DaemonSet's flags");
+    run(Command::new("python3")
+        .arg(root.join("deploy/test_manifests.py"))
+        .arg(target_dir(root).join("debug/tanzhen")))
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the root) or `<root>/target`.

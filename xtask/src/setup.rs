@@ -26,6 +26,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[("prometheus", "/usr/bin/promtool")];
 /// Runs every setup step.
 pub fn all() -> anyhow::Result<()> {
     apt_packages()?;
+    python_packages()?;
+    build_tools()
+}
+
+/// Only the pieces the eBPF build needs: rust-src and bpf-linker.
+pub fn build_tools() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     eprintln!("==> setup complete");
@@ -79,6 +85,40 @@ fn apt_packages() -> anyhow::Result<()> {
     run(apt(&["install", "-y", "-q", "--no-install-recommends"]).args(&missing))
         .context("apt-get install failed")?;
     Ok(())
+}
+
+/// Python packages the manifest test uses: (pip requirement, module to import).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate==1.37.0", "kubernetes_validate")];
+
+fn python_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(_, module)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(req, _)| *req)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("==> python packages: present");
+        return Ok(());
+    }
+    step(&format!(
+        "installing Python packages: {}",
+        missing.join(" ")
+    ));
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&missing))
+    .context("pip install failed (is PyPI reachable?)")
 }
 
 fn rustup(args: &[&str]) -> Command {

@@ -138,7 +138,11 @@ impl ProbeInfo {
     /// The hooks as one comma-separated line.
     #[must_use]
     pub fn hook_list(&self) -> String {
-        self.hooks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        self.hooks
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
