@@ -6,6 +6,11 @@ mod cli;
 mod export;
 mod kernel;
 mod loader;
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "container labels are wired into the probes next")
+)]
+mod metadata;
 mod probe;
 mod server;
 mod snapshot;

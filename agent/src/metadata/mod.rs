@@ -1,0 +1,3 @@
+//! Process metadata for labels: which container (and Kubernetes pod) a process runs in.
+
+pub mod cgroup;
