@@ -3,6 +3,7 @@
 //! Every task that needs the eBPF toolchain runs `setup` first; `setup` is idempotent and fast
 //! when everything is already in place.
 
+mod dist;
 mod setup;
 
 use std::{
@@ -43,6 +44,15 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Set up, then build static release binaries and .deb/.rpm packages into target/dist/.
+    Dist {
+        /// Architectures to build for.
+        #[arg(long, value_delimiter = ',', default_values = ["x86_64", "aarch64"])]
+        arch: Vec<String>,
+        /// Package formats to build.
+        #[arg(long, value_delimiter = ',', value_enum, default_values = ["deb", "rpm"])]
+        format: Vec<dist::Format>,
+    },
     /// Set up, then run every test: unit tests, then the privileged end-to-end tests against
     /// the real kernel (needs root).
     Test {
@@ -80,6 +90,10 @@ fn main() -> anyhow::Result<()> {
                 bail!("tanzhen exited with {status}");
             }
             Ok(())
+        }
+        Task::Dist { arch, format } => {
+            setup::build_tools()?;
+            dist::dist(&root, &arch, &format).map(|_| ())
         }
         Task::Test { filter } => {
             setup::all()?;
@@ -137,7 +151,10 @@ fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     step("deployment manifests: Kubernetes schemas and the DaemonSet's flags");
     run(Command::new("python3")
         .arg(root.join("deploy/test_manifests.py"))
-        .arg(target_dir(root).join("debug/tanzhen")))
+        .arg(target_dir(root).join("debug/tanzhen")))?;
+
+    step("packages: build the host's .deb and .rpm, install the .deb, run it, remove it");
+    dist::package_test(root)
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the root) or `<root>/target`.
