@@ -93,7 +93,9 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| fatal(&e))?;
 
     let uname = kernel::uname();
-    let snapshot = Arc::new(Snapshot::default());
+    let ttl = (!args.series_ttl.is_zero()).then_some(args.series_ttl);
+    let max_series = usize::try_from(args.max_series_per_metric).unwrap_or(usize::MAX);
+    let snapshot = Arc::new(Snapshot::new(max_series, ttl));
     snapshot
         .gauge(Desc {
             name: "tanzhen_build_info",
@@ -106,6 +108,7 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
         help: "1 when the probe is attached and running, 0 when it failed.",
         labels: &["probe"],
     });
+    // Loss counters stay exported (at 0) for as long as the agent runs: no TTL.
     let loss = LossCounters {
         events_lost: snapshot.counter(Desc {
             name: "tanzhen_events_lost",
@@ -118,6 +121,8 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
             labels: &["probe"],
         }),
     };
+    loss.events_lost.persistent();
+    loss.decode_errors.persistent();
 
     let tracefs = kernel::tracefs().map_err(|e| fatal(&e))?;
     if tracefs.mounted_now {
@@ -142,6 +147,7 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
         match res {
             Ok(()) => {
                 probe_up.set(&[kind.name()], 1);
+                loss.decode_errors.inc_by(&[kind.name()], 0);
                 attached.push(kind.name());
             }
             Err(e) => {

@@ -1,6 +1,6 @@
 //! Command-line interface (clap derive; the doc comments are the help text).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -49,6 +49,15 @@ pub struct RunArgs {
     #[arg(long, env = "TANZHEN_LOG_LEVEL", default_value = "info", value_enum)]
     pub log_level: LogLevel,
 
+    /// Most series one metric may hold; new label sets past it fold into one series labelled
+    /// `other` (counted in tanzhen_series_folded_total).
+    #[arg(long, env = "TANZHEN_MAX_SERIES_PER_METRIC", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_series_per_metric: u64,
+
+    /// Series not updated for this long leave the export (e.g. 10m, 1h; 0 keeps them forever).
+    #[arg(long, env = "TANZHEN_SERIES_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub series_ttl: Duration,
+
     /// Check the flags, print the resulting configuration and exit without loading anything.
     #[arg(long)]
     pub dry_run: bool,
@@ -86,6 +95,25 @@ impl From<LogLevel> for log::LevelFilter {
             LogLevel::Trace => Self::Trace,
         }
     }
+}
+
+/// Parses `500ms`, `5s`, `10m`, `1h` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a duration; use e.g. 500ms, 5s, 10m or 1h");
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -183,6 +211,26 @@ mod tests {
             run_args(&["--listen", "[::1]:9"]).unwrap().listen,
             "[::1]:9".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "5x", "-1s", "1e400", "ten"] {
+            assert!(
+                parse_duration(bad)
+                    .unwrap_err()
+                    .contains("is not a duration"),
+                "{bad}"
+            );
+        }
+        let r = run_args(&["--series-ttl", "0", "--max-series-per-metric", "5"]).unwrap();
+        assert_eq!((r.series_ttl, r.max_series_per_metric), (Duration::ZERO, 5));
+        assert!(run_args(&["--max-series-per-metric", "0"]).is_err());
     }
 
     #[test]

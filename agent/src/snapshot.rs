@@ -3,10 +3,20 @@
 //!
 //! A family is a metric name, help text, label names and its series keyed by label values.
 //! Counters and histograms are monotonic and owned here (kernel maps are drained into them).
+//!
+//! Cardinality is bounded: each family holds at most `max_series` label sets; new ones past the
+//! cap fold into one series whose labels are all `other`, counted per family in
+//! `tanzhen_series_folded_total{metric}`. Counter and histogram series nobody updated for the
+//! TTL leave the export (they come back from zero if they reappear, which Prometheus reads as a
+//! counter reset).
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 /// Static description of a metric family.
@@ -21,6 +31,9 @@ pub struct Desc {
 /// Label values in the order of [`Desc::labels`].
 pub type LabelValues = Vec<String>;
 
+/// Label value of the series that label sets past a family's cap fold into.
+pub const OVERFLOW_LABEL: &str = "other";
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain numbers behind; keep serving them.
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -30,80 +43,148 @@ fn owned(labels: &[&str]) -> LabelValues {
     labels.iter().map(|l| (*l).to_owned()).collect()
 }
 
+/// Bounds on every family's series, shared by all families of a [`Snapshot`].
+#[derive(Debug)]
+pub struct Limits {
+    /// Series per family; new label sets past it fold into one `other` series.
+    pub max_series: usize,
+    /// Series not updated for this long leave the export (`None`: never).
+    pub ttl: Option<Duration>,
+    /// `tanzhen_series_folded_total{metric}`: label sets folded, per family (itself unbounded).
+    folded: Option<Arc<CounterVec>>,
+}
+
+impl Limits {
+    /// Default series cap per family.
+    pub const DEFAULT_MAX_SERIES: usize = 10_000;
+    /// Default time after which a series nobody updates leaves the export.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
+}
+
+/// One series' value and when it was last written.
+#[derive(Debug)]
+struct Entry<T> {
+    value: T,
+    touched: Instant,
+}
+
+/// The series of one family, bounded by [`Limits`].
+#[derive(Debug)]
+struct Series<T> {
+    name: &'static str,
+    limits: Arc<Limits>,
+    /// Exempt from the TTL: series the agent itself keeps current (probe state, build info).
+    persistent: AtomicBool,
+    map: Mutex<BTreeMap<LabelValues, Entry<T>>>,
+}
+
+impl<T: Clone> Series<T> {
+    fn new(name: &'static str, limits: Arc<Limits>) -> Self {
+        Self {
+            name,
+            limits,
+            persistent: AtomicBool::new(false),
+            map: Mutex::default(),
+        }
+    }
+
+    /// Applies `f` to the series `labels`, created with `init` if new; past the cap, to the
+    /// `other` series (and counts the fold).
+    fn update(&self, labels: &[&str], init: impl FnOnce() -> T, f: impl FnOnce(&mut T)) {
+        let now = Instant::now();
+        let mut map = lock(&self.map);
+        let mut key = owned(labels);
+        if !map.contains_key(&key) && map.len() >= self.limits.max_series {
+            if let Some(folded) = &self.limits.folded {
+                folded.inc_by(&[self.name], 1);
+            }
+            key = vec![OVERFLOW_LABEL.to_owned(); labels.len()];
+        }
+        let e = map.entry(key).or_insert_with(|| Entry {
+            value: init(),
+            touched: now,
+        });
+        e.touched = now;
+        f(&mut e.value);
+    }
+
+    /// A copy of every live series; expired ones are dropped on the way.
+    fn snapshot(&self) -> Vec<(LabelValues, T)> {
+        let mut map = lock(&self.map);
+        if let Some(ttl) = self.limits.ttl
+            && !self.persistent.load(Ordering::Relaxed)
+        {
+            let now = Instant::now();
+            map.retain(|_, e| now.duration_since(e.touched) <= ttl);
+        }
+        map.iter()
+            .map(|(k, e)| (k.clone(), e.value.clone()))
+            .collect()
+    }
+
+    #[cfg(test)]
+    fn get(&self, labels: &[&str]) -> Option<T> {
+        lock(&self.map).get(&owned(labels)).map(|e| e.value.clone())
+    }
+}
+
 /// A family of monotonic counters.
 #[derive(Debug)]
 pub struct CounterVec {
     pub desc: Desc,
-    series: Mutex<BTreeMap<LabelValues, u64>>,
+    series: Series<u64>,
 }
 
 impl CounterVec {
-    fn new(desc: Desc) -> Self {
-        Self {
-            desc,
-            series: Mutex::default(),
-        }
-    }
-
     /// Adds `v` to the series `labels`.
     pub fn inc_by(&self, labels: &[&str], v: u64) {
         debug_assert_eq!(labels.len(), self.desc.labels.len(), "{}", self.desc.name);
-        let mut s = lock(&self.series);
-        let c = s.entry(owned(labels)).or_insert(0);
-        *c = c.saturating_add(v);
+        self.series
+            .update(labels, || 0, |c| *c = c.saturating_add(v));
     }
 
     /// Raises the series to `total` (a monotonic total read from the kernel); never lowers it.
     pub fn set_total(&self, labels: &[&str], total: u64) {
-        let mut s = lock(&self.series);
-        let c = s.entry(owned(labels)).or_insert(0);
-        *c = (*c).max(total);
+        self.series.update(labels, || 0, |c| *c = (*c).max(total));
+    }
+
+    /// Keeps this family's series past the TTL (for series the agent refreshes itself).
+    pub fn persistent(&self) -> &Self {
+        self.series.persistent.store(true, Ordering::Relaxed);
+        self
     }
 
     /// Current value of one series (0 when absent).
     #[cfg(test)]
     #[must_use]
     pub fn get(&self, labels: &[&str]) -> u64 {
-        lock(&self.series).get(&owned(labels)).copied().unwrap_or(0)
+        self.series.get(labels).unwrap_or(0)
     }
 
     /// A copy of every series.
     #[must_use]
     pub fn snapshot(&self) -> Vec<(LabelValues, u64)> {
-        lock(&self.series)
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect()
+        self.series.snapshot()
     }
 }
 
-/// A family of gauges.
+/// A family of gauges. Gauges are state the agent sets itself: they never expire.
 #[derive(Debug)]
 pub struct GaugeVec {
     pub desc: Desc,
-    series: Mutex<BTreeMap<LabelValues, i64>>,
+    series: Series<i64>,
 }
 
 impl GaugeVec {
-    fn new(desc: Desc) -> Self {
-        Self {
-            desc,
-            series: Mutex::default(),
-        }
-    }
-
     /// Sets the series `labels` to `v`.
     pub fn set(&self, labels: &[&str], v: i64) {
-        lock(&self.series).insert(owned(labels), v);
+        self.series.update(labels, || v, |g| *g = v);
     }
 
     /// A copy of every series.
     #[must_use]
     pub fn snapshot(&self) -> Vec<(LabelValues, i64)> {
-        lock(&self.series)
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect()
+        self.series.snapshot()
     }
 }
 
@@ -121,35 +202,30 @@ pub struct HistogramVec {
     pub desc: Desc,
     /// Finite, strictly increasing upper bounds; `+Inf` is implied.
     pub bounds: &'static [f64],
-    series: Mutex<BTreeMap<LabelValues, HistogramData>>,
+    series: Series<HistogramData>,
 }
 
 impl HistogramVec {
-    fn new(desc: Desc, bounds: &'static [f64]) -> Self {
-        debug_assert!(
-            bounds.windows(2).all(|w| w[0] < w[1]),
-            "{} bounds",
-            desc.name
-        );
-        Self {
-            desc,
-            bounds,
-            series: Mutex::default(),
+    fn empty(&self) -> HistogramData {
+        HistogramData {
+            counts: vec![0; self.bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
         }
     }
 
     /// Records one observation `v`.
     pub fn observe(&self, labels: &[&str], v: f64) {
         let idx = bucket_index(self.bounds, v);
-        let mut s = lock(&self.series);
-        let h = s.entry(owned(labels)).or_insert_with(|| HistogramData {
-            counts: vec![0; self.bounds.len() + 1],
-            sum: 0.0,
-            count: 0,
-        });
-        h.counts[idx] += 1;
-        h.sum += v;
-        h.count += 1;
+        self.series.update(
+            labels,
+            || self.empty(),
+            |h| {
+                h.counts[idx] += 1;
+                h.sum += v;
+                h.count += 1;
+            },
+        );
     }
 
     /// Adds pre-bucketed counts (one per bound, then the `+Inf` overflow), e.g. drained from a
@@ -160,26 +236,23 @@ impl HistogramVec {
     )]
     pub fn add_counts(&self, labels: &[&str], counts: &[u64], sum: f64) {
         let n = self.bounds.len();
-        let mut s = lock(&self.series);
-        let h = s.entry(owned(labels)).or_insert_with(|| HistogramData {
-            counts: vec![0; n + 1],
-            sum: 0.0,
-            count: 0,
-        });
-        for (i, c) in counts.iter().enumerate() {
-            h.counts[i.min(n)] += c;
-            h.count += c;
-        }
-        h.sum += sum;
+        self.series.update(
+            labels,
+            || self.empty(),
+            |h| {
+                for (i, c) in counts.iter().enumerate() {
+                    h.counts[i.min(n)] += c;
+                    h.count += c;
+                }
+                h.sum += sum;
+            },
+        );
     }
 
     /// A copy of every series.
     #[must_use]
     pub fn snapshot(&self) -> Vec<(LabelValues, HistogramData)> {
-        lock(&self.series)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.series.snapshot()
     }
 }
 
@@ -221,30 +294,102 @@ pub enum Family {
     Histogram(Arc<HistogramVec>),
 }
 
-/// The registry of families, in registration order.
-#[derive(Debug, Default)]
+/// The registry of families, in registration order, and the limits they share.
+#[derive(Debug)]
 pub struct Snapshot {
+    limits: Arc<Limits>,
     families: Mutex<Vec<Family>>,
 }
 
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self::new(Limits::DEFAULT_MAX_SERIES, Some(Limits::DEFAULT_TTL))
+    }
+}
+
 impl Snapshot {
+    /// A snapshot whose families hold at most `max_series` series each (plus the `other`
+    /// overflow series) and drop series untouched for `ttl`. It exports
+    /// `tanzhen_series_folded_total{metric}` itself.
+    #[must_use]
+    pub fn new(max_series: usize, ttl: Option<Duration>) -> Self {
+        let desc = Desc {
+            name: "tanzhen_series_folded",
+            help: "Label sets folded into the `other` series because the metric reached --max-series-per-metric.",
+            labels: &["metric"],
+        };
+        let unbounded = Arc::new(Limits {
+            max_series: usize::MAX,
+            ttl: None,
+            folded: None,
+        });
+        let folded = Arc::new(CounterVec {
+            desc,
+            series: Series::new(desc.name, unbounded),
+        });
+        let limits = Arc::new(Limits {
+            max_series,
+            ttl,
+            folded: Some(folded.clone()),
+        });
+        Self {
+            limits,
+            families: Mutex::new(vec![Family::Counter(folded)]),
+        }
+    }
+
+    /// Label sets folded into `other`, per metric.
+    #[cfg(test)]
+    #[must_use]
+    pub fn folded(&self) -> Vec<(LabelValues, u64)> {
+        self.limits
+            .folded
+            .as_ref()
+            .map(|f| f.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Shows the family in `tanzhen_series_folded_total` from the start, at 0.
+    fn announce(&self, desc: &Desc) {
+        if let Some(f) = &self.limits.folded {
+            f.inc_by(&[desc.name], 0);
+        }
+    }
+
     /// Registers a counter family.
     pub fn counter(&self, desc: Desc) -> Arc<CounterVec> {
-        let c = Arc::new(CounterVec::new(desc));
+        self.announce(&desc);
+        let c = Arc::new(CounterVec {
+            desc,
+            series: Series::new(desc.name, self.limits.clone()),
+        });
         lock(&self.families).push(Family::Counter(c.clone()));
         c
     }
 
-    /// Registers a gauge family.
+    /// Registers a gauge family (exempt from the TTL).
     pub fn gauge(&self, desc: Desc) -> Arc<GaugeVec> {
-        let g = Arc::new(GaugeVec::new(desc));
+        self.announce(&desc);
+        let series = Series::new(desc.name, self.limits.clone());
+        series.persistent.store(true, Ordering::Relaxed);
+        let g = Arc::new(GaugeVec { desc, series });
         lock(&self.families).push(Family::Gauge(g.clone()));
         g
     }
 
     /// Registers a histogram family with the given finite upper bounds.
     pub fn histogram(&self, desc: Desc, bounds: &'static [f64]) -> Arc<HistogramVec> {
-        let h = Arc::new(HistogramVec::new(desc, bounds));
+        self.announce(&desc);
+        debug_assert!(
+            bounds.windows(2).all(|w| w[0] < w[1]),
+            "{} bounds",
+            desc.name
+        );
+        let h = Arc::new(HistogramVec {
+            desc,
+            bounds,
+            series: Series::new(desc.name, self.limits.clone()),
+        });
         lock(&self.families).push(Family::Histogram(h.clone()));
         h
     }
@@ -318,6 +463,80 @@ mod tests {
         assert_eq!(d.counts[64], 2, "slot 64 is +Inf");
         assert!((LOG2_NS_BOUNDS[11] - 2.048e-6).abs() < 1e-15);
         assert!(LOG2_NS_BOUNDS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn series_past_the_cap_fold_into_other() {
+        let s = Snapshot::new(2, None);
+        let c = s.counter(Desc {
+            name: "c",
+            help: "c",
+            labels: &["comm", "kind"],
+        });
+        c.inc_by(&["a", "x"], 1);
+        c.inc_by(&["b", "x"], 1);
+        c.inc_by(&["c", "x"], 5);
+        c.inc_by(&["d", "y"], 7);
+        c.inc_by(&["a", "x"], 1);
+        assert_eq!(c.get(&["a", "x"]), 2, "existing series keep counting");
+        assert_eq!(c.get(&["other", "other"]), 12);
+        assert_eq!(c.snapshot().len(), 3, "the cap plus the overflow series");
+        assert_eq!(s.folded(), vec![(vec!["c".to_owned()], 2)]);
+        assert_eq!(
+            s.families().len(),
+            2,
+            "the folded family is registered first"
+        );
+        let h = s.histogram(
+            Desc {
+                name: "h",
+                help: "h",
+                labels: &["k"],
+            },
+            BOUNDS,
+        );
+        for k in ["1", "2", "3"] {
+            h.observe(&[k], 0.5);
+        }
+        assert_eq!(h.snapshot().len(), 3);
+        assert_eq!(
+            s.folded(),
+            vec![(vec!["c".to_owned()], 2), (vec!["h".to_owned()], 1)]
+        );
+    }
+
+    #[test]
+    fn untouched_series_expire_but_gauges_and_persistent_families_stay() {
+        let s = Snapshot::new(100, Some(Duration::from_millis(30)));
+        let c = s.counter(Desc {
+            name: "c",
+            help: "c",
+            labels: &["k"],
+        });
+        let p = s.counter(Desc {
+            name: "p",
+            help: "p",
+            labels: &["k"],
+        });
+        p.persistent();
+        let g = s.gauge(Desc {
+            name: "g",
+            help: "g",
+            labels: &[],
+        });
+        c.inc_by(&["old"], 1);
+        p.inc_by(&["old"], 1);
+        g.set(&[], 1);
+        std::thread::sleep(Duration::from_millis(60));
+        c.inc_by(&["new"], 1);
+        let live: Vec<_> = c
+            .snapshot()
+            .into_iter()
+            .map(|(k, _)| k[0].clone())
+            .collect();
+        assert_eq!(live, vec!["new"]);
+        assert_eq!(p.snapshot().len(), 1);
+        assert_eq!(g.snapshot().len(), 1);
     }
 
     #[test]

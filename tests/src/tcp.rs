@@ -288,3 +288,50 @@ fn listeners_started_before_the_agent_are_named() {
         m.0
     );
 }
+
+#[test]
+fn series_past_the_cap_fold_into_other_without_losing_counts() {
+    let agent = Agent::start(&["--probes", "tcp", "--max-series-per-metric", "3"]);
+    let (addr, listener) = spawn_listener(&comm("tzcapl"), (Ipv4Addr::LOCALHOST, 0).into(), 6 * 4);
+    let comms: Vec<String> = (0..6).map(|i| comm(&format!("tzcap{i}-"))).collect();
+    for c in &comms {
+        assert_eq!(spawn_connector(c, addr, 4, None, 0), (4, 0));
+    }
+    listener.join().unwrap();
+    let series = |m: &Metrics| m.samples("tanzhen_tcp_connects_total").count();
+    let ours = |m: &Metrics| {
+        let named: f64 = comms
+            .iter()
+            .map(|c| m.sum("tanzhen_tcp_connects_total", &[("comm", c)]))
+            .sum();
+        named + m.sum("tanzhen_tcp_connects_total", &[("comm", "other")])
+    };
+    let m = wait_for(&agent, Duration::from_secs(15), |m| ours(m) >= 24.0);
+    assert!(
+        series(&m) <= 4,
+        "at most the cap (3) plus `other`:\n{}",
+        m.0
+    );
+    assert!(
+        ours(&m) >= 24.0,
+        "every connect is counted, named or folded:\n{}",
+        m.0
+    );
+    assert!(
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", "other"), ("outcome", "other")]
+        ) >= 4.0,
+        "{}",
+        m.0
+    );
+    assert!(
+        m.sum(
+            "tanzhen_series_folded_total",
+            &[("metric", "tanzhen_tcp_connects")]
+        ) >= 1.0,
+        "{}",
+        m.0
+    );
+    promtool_accepts(&m);
+}
