@@ -3,6 +3,7 @@
 //! Every task that needs the eBPF toolchain runs `setup` first; `setup` is idempotent and fast
 //! when everything is already in place.
 
+mod bench;
 mod dist;
 mod setup;
 
@@ -53,6 +54,14 @@ enum Task {
         #[arg(long, value_delimiter = ',', value_enum, default_values = ["deb", "rpm"])]
         format: Vec<dist::Format>,
     },
+    /// Benchmarks (root): probe overhead next to the Debian reference tools (perf bench,
+    /// libbpf-tools), connect rate, and the agent's footprint; writes target/bench/report.json
+    /// and report.md.
+    Bench {
+        /// Fewer rounds and shorter workloads (for a quick look, not for the record).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, then run every test: unit tests, then the privileged end-to-end tests against
     /// the real kernel (needs root).
     Test {
@@ -94,6 +103,10 @@ fn main() -> anyhow::Result<()> {
         Task::Dist { arch, format } => {
             setup::build_tools()?;
             dist::dist(&root, &arch, &format).map(|_| ())
+        }
+        Task::Bench { quick } => {
+            setup::build_tools()?;
+            bench::bench(&root, quick)
         }
         Task::Test { filter } => {
             setup::all()?;

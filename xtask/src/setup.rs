@@ -49,7 +49,13 @@ pub fn is_root() -> bool {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt(APT_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` (name, a file proving it is installed) that are
+/// missing.
+pub fn apt(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, f)| !Path::new(f).exists())
         .map(|(p, _)| *p)
@@ -57,11 +63,7 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         eprintln!(
             "==> apt packages: present ({})",
-            APT_PACKAGES
-                .iter()
-                .map(|p| p.0)
-                .collect::<Vec<_>>()
-                .join(", ")
+            packages.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
         );
         return Ok(());
     }

@@ -1,0 +1,580 @@
+//! `cargo xtask bench [--quick]`: overhead of tanzhen's probes next to the Debian reference
+//! tools, measured side by side in one invocation (baseline, tanzhen, peer, baseline, tanzhen,
+//! peer, ...), and the agent's footprint. Writes `target/bench/report.json` and `report.md`.
+//!
+//! Figures are medians of the rounds with min and max; comparisons are ratios within this run,
+//! never against numbers from another day. Sections whose probe this build lacks are skipped
+//! and say so.
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+use crate::{cargo, run, setup, step, target_dir};
+
+/// Debian packages the benchmarks run: perf and libbpf-tools.
+const APT: &[(&str, &str)] = &[
+    ("linux-perf", "/usr/bin/perf"),
+    ("libbpf-tools", "/usr/sbin/syscount"),
+];
+
+/// What runs next to the workload in one configuration.
+#[derive(Clone, Debug)]
+enum Config {
+    Baseline,
+    Tanzhen(&'static str),
+    Peer(&'static str, &'static [&'static str]),
+}
+
+impl Config {
+    fn name(&self) -> String {
+        match self {
+            Self::Baseline => "baseline".into(),
+            Self::Tanzhen(p) => format!("tanzhen --probes {p}"),
+            Self::Peer(bin, args) => format!(
+                "{} {}",
+                bin.rsplit('/').next().unwrap_or(bin),
+                args.join(" ")
+            )
+            .trim()
+            .to_owned(),
+        }
+    }
+}
+
+/// A workload and how to read its figure.
+#[derive(Clone, Copy, Debug)]
+enum Workload {
+    /// `perf bench syscall basic` (getppid): ns per call.
+    SyscallBasic,
+    /// `perf bench sched pipe`: µs per round trip.
+    SchedPipe,
+    /// A loopback connect/close loop: connects per second.
+    TcpConnects,
+}
+
+impl Workload {
+    fn unit(self) -> &'static str {
+        match self {
+            Self::SyscallBasic => "ns/op",
+            Self::SchedPipe => "usecs/op",
+            Self::TcpConnects => "connects/s",
+        }
+    }
+
+    fn lower_is_better(self) -> bool {
+        !matches!(self, Self::TcpConnects)
+    }
+
+    fn run(self, quick: bool) -> anyhow::Result<f64> {
+        match self {
+            Self::SyscallBasic => {
+                let loops = if quick { "2000000" } else { "5000000" };
+                Ok(perf_usecs(&["bench", "syscall", "basic", "-l", loops])? * 1000.0)
+            }
+            Self::SchedPipe => perf_usecs(&[
+                "bench",
+                "sched",
+                "pipe",
+                "-l",
+                if quick { "50000" } else { "200000" },
+            ]),
+            Self::TcpConnects => tcp_connect_rate(if quick { 5_000 } else { 20_000 }),
+        }
+    }
+}
+
+struct Comparison {
+    name: &'static str,
+    probe: &'static str,
+    workload: Workload,
+    peer: Config,
+}
+
+const COMPARISONS: &[Comparison] = &[
+    Comparison {
+        name: "syscall overhead (perf bench syscall basic)",
+        probe: "syscalls",
+        workload: Workload::SyscallBasic,
+        peer: Config::Peer("/usr/sbin/syscount", &["-L"]),
+    },
+    Comparison {
+        name: "scheduler overhead (perf bench sched pipe)",
+        probe: "sched",
+        workload: Workload::SchedPipe,
+        peer: Config::Peer("/usr/sbin/runqlat", &[]),
+    },
+    Comparison {
+        name: "TCP connect rate (loopback connect/close loop)",
+        probe: "tcp",
+        workload: Workload::TcpConnects,
+        peer: Config::Peer("/usr/sbin/tcpstates", &[]),
+    },
+];
+
+/// Runs the benchmarks and writes the report.
+pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!("the benchmarks load eBPF programs: run `cargo xtask bench` as root");
+    }
+    setup::apt(APT)?;
+    step("building the agent (release)");
+    run(cargo(root).args(["build", "--release", "--package", "agent"]))?;
+    let bin = target_dir(root).join("release/tanzhen");
+    let rounds = if quick { 3 } else { 5 };
+    let mut sections = Vec::new();
+    for c in COMPARISONS {
+        if !probe_built(&bin, c.probe) {
+            eprintln!(
+                "==> skipping {}: probe `{}` is not built into this tanzhen",
+                c.name, c.probe
+            );
+            sections
+                .push(json!({ "name": c.name, "skipped": format!("probe {} not built", c.probe) }));
+            continue;
+        }
+        step(&format!(
+            "{} — {rounds} rounds of baseline / tanzhen / peer",
+            c.name
+        ));
+        let configs = [Config::Baseline, Config::Tanzhen(c.probe), c.peer.clone()];
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+        let mut lost = 0.0;
+        for round in 1..=rounds {
+            for (i, cfg) in configs.iter().enumerate() {
+                let bg = Background::start(cfg, &bin)?;
+                let v = c
+                    .workload
+                    .run(quick)
+                    .with_context(|| format!("{} under {}", c.name, cfg.name()))?;
+                if let Some(addr) = bg.metrics_addr {
+                    lost += scrape_sum(addr, "tanzhen_events_lost_total").unwrap_or(f64::NAN);
+                }
+                drop(bg);
+                eprintln!(
+                    "    round {round}: {:<28} {v:>12.3} {}",
+                    cfg.name(),
+                    c.workload.unit()
+                );
+                samples[i].push(v);
+            }
+        }
+        sections.push(section_json(c, &configs, &samples, lost));
+    }
+    let footprint = footprint(&bin, quick)?;
+    let report = json!({
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "rounds": rounds,
+        "quick": quick,
+        "comparisons": sections,
+        "footprint": footprint,
+    });
+    let dir = target_dir(root).join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let md = markdown(&report);
+    std::fs::write(dir.join("report.md"), &md)?;
+    println!("\n{md}");
+    eprintln!(
+        "==> wrote {} and report.md",
+        dir.join("report.json").display()
+    );
+    Ok(())
+}
+
+fn probe_built(bin: &Path, probe: &str) -> bool {
+    Command::new(bin)
+        .args(["run", "--probes", probe, "--dry-run"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn stats(v: &[f64]) -> Value {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let median = if s.is_empty() {
+        f64::NAN
+    } else if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        f64::midpoint(s[s.len() / 2 - 1], s[s.len() / 2])
+    };
+    json!({ "median": median, "min": s.first(), "max": s.last(), "samples": v })
+}
+
+fn section_json(c: &Comparison, configs: &[Config], samples: &[Vec<f64>], lost: f64) -> Value {
+    let med = |i: usize| stats(&samples[i])["median"].as_f64().unwrap_or(f64::NAN);
+    let (base, ours, peer) = (med(0), med(1), med(2));
+    let derived = if c.workload.lower_is_better() {
+        json!({
+            "added_by_tanzhen": ours - base,
+            "added_by_peer": peer - base,
+            "ratio_added_tanzhen_to_peer": (ours - base) / (peer - base),
+        })
+    } else {
+        json!({
+            "tanzhen_vs_baseline": ours / base,
+            "peer_vs_baseline": peer / base,
+        })
+    };
+    json!({
+        "name": c.name,
+        "unit": c.workload.unit(),
+        "configs": configs.iter().enumerate().map(|(i, cfg)| json!({"config": cfg.name(), "stats": stats(&samples[i])})).collect::<Vec<_>>(),
+        "derived": derived,
+        "tanzhen_events_lost": lost,
+    })
+}
+
+fn markdown(r: &Value) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### tanzhen benchmarks (kernel {}, {} CPUs, {} rounds{})\n",
+        r["kernel"].as_str().unwrap_or("?"),
+        r["cpus"],
+        r["rounds"],
+        if r["quick"].as_bool() == Some(true) {
+            ", --quick"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        md,
+        "| benchmark | configuration | median | min | max |\n|---|---|---|---|---|"
+    );
+    for s in r["comparisons"].as_array().into_iter().flatten() {
+        if let Some(why) = s["skipped"].as_str() {
+            let _ = writeln!(
+                md,
+                "| {} | skipped: {why} | | | |",
+                s["name"].as_str().unwrap_or("?")
+            );
+            continue;
+        }
+        let unit = s["unit"].as_str().unwrap_or("");
+        for c in s["configs"].as_array().into_iter().flatten() {
+            let st = &c["stats"];
+            let f = |k: &str| st[k].as_f64().map_or("?".into(), |v| format!("{v:.3}"));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} {unit} | {} | {} |",
+                s["name"].as_str().unwrap_or("?"),
+                c["config"].as_str().unwrap_or("?"),
+                f("median"),
+                f("min"),
+                f("max")
+            );
+        }
+        let d = &s["derived"];
+        let derived: Vec<String> = d
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                format!(
+                    "{k} = {}",
+                    v.as_f64().map_or("?".into(), |x| format!("{x:.3}"))
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            md,
+            "| | {}; events lost {} | | | |",
+            derived.join(", "),
+            s["tanzhen_events_lost"]
+        );
+    }
+    let f = &r["footprint"];
+    let _ = writeln!(
+        md,
+        "\n| footprint (tanzhen, all probes, under the workloads) | value |\n|---|---|"
+    );
+    for (k, v) in f.as_object().into_iter().flatten() {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    md
+}
+
+/// Whatever runs beside the workload; stopped on drop.
+struct Background {
+    child: Option<Child>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Background {
+    fn start(cfg: &Config, bin: &Path) -> anyhow::Result<Self> {
+        match cfg {
+            Config::Baseline => Ok(Self {
+                child: None,
+                metrics_addr: None,
+            }),
+            Config::Tanzhen(probes) => {
+                let (child, addr, _) = start_tanzhen(bin, probes)?;
+                Ok(Self {
+                    child: Some(child),
+                    metrics_addr: Some(addr),
+                })
+            }
+            Config::Peer(tool, args) => {
+                let child = Command::new(tool)
+                    .args(*args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("starting {tool}"))?;
+                wait_attached(child.id(), tool)?;
+                Ok(Self {
+                    child: Some(child),
+                    metrics_addr: None,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `tanzhen run` on a free loopback port; returns it once /healthz answers, with the
+/// time that took.
+fn start_tanzhen(bin: &Path, probes: &str) -> anyhow::Result<(Child, SocketAddr, Duration)> {
+    let addr: SocketAddr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let t0 = Instant::now();
+    let mut child = Command::new(bin)
+        .args([
+            "run",
+            "--probes",
+            probes,
+            "--listen",
+            &addr.to_string(),
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .spawn()?;
+    loop {
+        if http_get(addr, "/healthz").is_ok_and(|b| b.contains("ok")) {
+            return Ok((child, addr, t0.elapsed()));
+        }
+        if let Some(s) = child.try_wait()? {
+            bail!("tanzhen --probes {probes} exited with {s}");
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            bail!("tanzhen --probes {probes} did not serve within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until a libbpf tool holds a BPF link or perf event (its programs are attached).
+fn wait_attached(pid: u32, tool: &str) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        let attached = std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| {
+                    let l = l.to_string_lossy();
+                    l.contains("bpf_link") || l.contains("perf_event")
+                })
+            })
+        });
+        if attached {
+            // Give the rest of its programs a moment to attach.
+            std::thread::sleep(Duration::from_millis(500));
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{tool} attached nothing within 60 s")
+}
+
+fn perf_usecs(args: &[&str]) -> anyhow::Result<f64> {
+    let out = Command::new("perf")
+        .args(args)
+        .output()
+        .context("running perf (apt-get install linux-perf)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_suffix("usecs/op")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .with_context(|| format!("no `usecs/op` in perf's output:\n{text}"))
+}
+
+/// Connects per second of a loopback connect/close loop (RST on close, so no TIME_WAIT
+/// exhausts the ports across rounds).
+fn tcp_connect_rate(n: usize) -> anyhow::Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || {
+        for _ in 0..n {
+            if listener.accept().is_err() {
+                break;
+            }
+        }
+    });
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let s = TcpStream::connect(addr)?;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt with a valid fd and a correctly sized option value.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                u32::try_from(size_of::<libc::linger>()).unwrap_or(8),
+            );
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let _ = server.join();
+    #[expect(clippy::cast_precision_loss, reason = "n is small")]
+    Ok(n as f64 / secs)
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn scrape_sum(addr: SocketAddr, metric: &str) -> anyhow::Result<f64> {
+    let body = http_get(addr, "/metrics")?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(metric))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// RSS, CPU, BPF map memory and start-up of tanzhen with every built probe under the workloads.
+fn footprint(bin: &Path, quick: bool) -> anyhow::Result<Value> {
+    let probes: Vec<&str> = ["tcp", "syscalls", "sched"]
+        .into_iter()
+        .filter(|p| probe_built(bin, p))
+        .collect();
+    let probes = probes.join(",");
+    step(&format!(
+        "footprint: tanzhen --probes {probes} under the workloads"
+    ));
+    let (child, addr, startup) = start_tanzhen(bin, &probes)?;
+    let pid = child.id();
+    let bg = Background {
+        child: Some(child),
+        metrics_addr: Some(addr),
+    };
+    let warm = status_kib(pid, "VmRSS:");
+    let cpu0 = cpu_seconds(pid);
+    let t0 = Instant::now();
+    for w in [
+        Workload::SyscallBasic,
+        Workload::SchedPipe,
+        Workload::TcpConnects,
+    ] {
+        w.run(quick)?;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let map_kib = bpf_map_memlock_kib(pid);
+    let report = json!({
+        "probes": probes,
+        "startup_to_serving_s": startup.as_secs_f64(),
+        "rss_after_start_kib": warm,
+        "rss_steady_kib": status_kib(pid, "VmRSS:"),
+        "rss_peak_kib": status_kib(pid, "VmHWM:"),
+        "cpu_seconds_per_minute": cpu / elapsed * 60.0,
+        "workload_seconds": elapsed,
+        "bpf_map_memlock_kib": map_kib,
+        "events_lost": scrape_sum(addr, "tanzhen_events_lost_total").unwrap_or(f64::NAN),
+    });
+    drop(bg);
+    Ok(report)
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised comm: utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "clock ticks per second are small"
+    )]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Sum of the `memlock:` the kernel charges for each BPF map fd the process holds.
+fn bpf_map_memlock_kib(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let mut total = 0;
+    for e in dir.flatten() {
+        if !std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf-map")) {
+            continue;
+        }
+        let info: PathBuf =
+            format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()).into();
+        if let Ok(text) = std::fs::read_to_string(info) {
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total / 1024
+}
