@@ -212,10 +212,15 @@ impl TcpProbe {
             .ok_or(ProbeError::MissingProgram(PROGRAM))?
             .try_into()?;
         prog.load()?;
+        // Listeners that predate us: once before attaching, so no accept completes against an
+        // unknown listener once the program runs, and once after, for sockets that started
+        // listening in between (NOEXIST keeps what the program recorded itself).
+        seed_listeners(ebpf)?;
+        let prog: &mut TracePoint = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(ProbeError::MissingProgram(PROGRAM))?
+            .try_into()?;
         prog.attach("sock", "inet_sock_set_state")?;
-
-        // After attach, so a listener created meanwhile is caught by the program; NOEXIST keeps
-        // what the program recorded since.
         seed_listeners(ebpf)?;
 
         let ring = RingBuf::try_from(
