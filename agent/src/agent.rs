@@ -10,10 +10,11 @@ use tokio::{
 
 use crate::{
     cli::{RunArgs, VERSION},
+    export::otlp::{Otlp, OtlpConfig},
     kernel, loader,
     probe::{
         ProbeError, ProbeKind,
-        tcp::{LossCounters, TcpProbe},
+        tcp::{ConnectSink, LossCounters, TcpProbe},
     },
     server,
     snapshot::{Desc, Snapshot},
@@ -67,6 +68,8 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RunError> {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
+    let otlp =
+        OtlpConfig::resolve(&args.otlp, &|k| std::env::var(k).ok()).map_err(RunError::Usage)?;
     let listener = bind(args.listen)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,10 +77,14 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(|e| RunError::Fatal(format!("starting the runtime: {e}")))?;
-    rt.block_on(run_async(args, listener))
+    rt.block_on(run_async(args, listener, otlp))
 }
 
-async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<(), RunError> {
+async fn run_async(
+    args: &RunArgs,
+    listener: std::net::TcpListener,
+    otlp: Option<OtlpConfig>,
+) -> Result<(), RunError> {
     let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| fatal(&e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| fatal(&e))?;
@@ -110,6 +117,14 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
         }),
     };
 
+    let otlp = otlp
+        .map(|cfg| Otlp::start(&cfg, &snapshot))
+        .transpose()
+        .map_err(|e| RunError::Usage(format!("OTLP: {e}")))?;
+    let span_sink = otlp
+        .as_ref()
+        .map(|o| o.sink.clone() as std::sync::Arc<dyn ConnectSink>);
+
     let tracefs = kernel::tracefs().map_err(|e| fatal(&e))?;
     if tracefs.mounted_now {
         log::info!("mounted tracefs at {}", tracefs.path.display());
@@ -121,10 +136,16 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
     let mut attached = Vec::new();
     for &kind in args.probes.iter() {
         let res = match kind {
-            ProbeKind::Tcp => TcpProbe::attach(&mut ebpf, &tracefs.path, &snapshot, loss.clone())
-                .map(|p| {
-                    tasks.spawn(p.run(stop_rx.clone()));
-                }),
+            ProbeKind::Tcp => TcpProbe::attach(
+                &mut ebpf,
+                &tracefs.path,
+                &snapshot,
+                loss.clone(),
+                span_sink.clone(),
+            )
+            .map(|p| {
+                tasks.spawn(p.run(stop_rx.clone()));
+            }),
             ProbeKind::Syscalls | ProbeKind::Sched => Err(ProbeError::Unsupported {
                 probe: kind.name(),
                 reason: "not built into this version".into(),
@@ -177,6 +198,11 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
             Ok(Err(e)) => log::error!("probe: {e}"),
             Err(e) => log::error!("probe task: {e}"),
         }
+    }
+    // Probes have flushed their last events: export them, then stop serving.
+    drop(span_sink);
+    if let Some(otlp) = otlp {
+        otlp.shutdown().await;
     }
     match server.await {
         Ok(Ok(())) => {}

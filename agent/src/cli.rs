@@ -45,6 +45,9 @@ pub struct RunArgs {
     #[arg(long, env = "TANZHEN_LISTEN", default_value = "0.0.0.0:9527", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
+    #[command(flatten)]
+    pub otlp: crate::export::otlp::OtlpArgs,
+
     /// Log verbosity.
     #[arg(long, env = "TANZHEN_LOG_LEVEL", default_value = "info", value_enum)]
     pub log_level: LogLevel,
