@@ -36,6 +36,8 @@ use crate::{Agent, free_port, http_get, tanzhen_bin};
 struct Received {
     traces: Vec<ExportTraceServiceRequest>,
     metrics: Vec<ExportMetricsServiceRequest>,
+    /// `authorization` header values seen by the HTTP receiver.
+    auth: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Received>>;
@@ -105,11 +107,16 @@ async fn http_traces(
 
 async fn http_metrics(
     axum::extract::State(got): axum::extract::State<Shared>,
+    headers: axum::http::HeaderMap,
     body: bytes::Bytes,
 ) -> (axum::http::StatusCode, Vec<u8>) {
     match ExportMetricsServiceRequest::decode(body) {
         Ok(r) => {
-            got.lock().unwrap().metrics.push(r);
+            let mut got = got.lock().unwrap();
+            got.metrics.push(r);
+            if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+                got.auth.push(v.to_owned());
+            }
             (
                 axum::http::StatusCode::OK,
                 ExportMetricsServiceResponse::default().encode_to_vec(),
@@ -482,4 +489,135 @@ fn bad_otlp_url_exits_2_with_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{url}: {err}");
         assert!(err.contains(needle), "{url}: {err}");
     }
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// With the collector down, a connect storm fills the span queue to its bound (8192) and the
+/// rest is counted as dropped; memory stays bounded; once the collector is up, the queued spans
+/// arrive, each once. (The agent watches the whole host, so other processes' connects share
+/// the queue: the checks on our comm are bounds, not equalities.)
+#[test]
+fn span_queue_is_bounded_while_collector_is_down() {
+    const N: usize = 16_000;
+    const QUEUE: f64 = 8192.0;
+    let port = free_port();
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp",
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{port}"),
+        "--otlp-protocol",
+        "grpc",
+        "--otlp-interval",
+        "300ms",
+        "--trace-max-spans-per-second",
+        "1000000",
+    ]);
+    let rss_before = rss_kib(agent.pid());
+    let name = comm("tzos");
+    let failed = |m: &crate::Metrics| {
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", &name), ("outcome", "failed")],
+        )
+    };
+    // Chunks, each waited for, so the kernel ring buffer never overflows.
+    for chunk in 1..=N / 1000 {
+        workload(&name, 0, 1000);
+        let m = crate::wait_for(&agent, Duration::from_secs(20), |m| {
+            failed(m) >= (chunk * 1000) as f64
+        });
+        assert_eq!(failed(&m), (chunk * 1000) as f64, "{}", agent.log_text());
+    }
+    let dropped = |m: &crate::Metrics| m.sum("tanzhen_otlp_dropped_total", &[("signal", "traces")]);
+    let m = crate::wait_for(&agent, Duration::from_secs(20), |m| {
+        dropped(m) >= N as f64 - QUEUE
+    });
+    assert!(
+        dropped(&m) >= N as f64 - QUEUE,
+        "queue bound\n{}",
+        agent.log_text()
+    );
+    assert_eq!(m.sum("tanzhen_events_lost_total", &[]), 0.0);
+    let rss_after = rss_kib(agent.pid());
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+
+    let rx = Receiver::start(Proto::Grpc, port);
+    // Every one of our connects was either delivered or counted as dropped.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            spans_of(&rx, &name).len() as f64 + dropped(&agent.scrape()) >= N as f64
+        }),
+        "{} spans arrived, {} dropped\n{}",
+        spans_of(&rx, &name).len(),
+        dropped(&agent.scrape()),
+        agent.log_text()
+    );
+    thread::sleep(Duration::from_millis(1000));
+    let spans = spans_of(&rx, &name);
+    assert!(spans.len() as f64 <= QUEUE, "{} > queue bound", spans.len());
+    let mut ids: Vec<&[u8]> = spans.iter().map(|s| s.span_id.as_slice()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), spans.len(), "a span arrived twice");
+}
+
+/// The standard OTEL_* variables configure the exporter: base URL, protocol, headers (sent,
+/// never logged), service name and resource attributes; NODE_NAME becomes k8s.node.name.
+#[test]
+fn otel_environment_is_honoured() {
+    let rx = Receiver::start(Proto::Http, 0);
+    let url = rx.url();
+    let agent = Agent::start_with_env(
+        &["--probes", "tcp", "--otlp-interval", "300ms"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &url),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "authorization=Bearer%20s3cr3t-token",
+            ),
+            ("OTEL_SERVICE_NAME", "tz-e2e"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=e2e,team=sre",
+            ),
+            ("NODE_NAME", "node-e2e"),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || rx.last_metrics().is_some()),
+        "{}",
+        agent.log_text()
+    );
+    let m = rx.last_metrics().unwrap();
+    let res = m.resource_metrics[0].resource.clone().unwrap().attributes;
+    assert_eq!(str_attr(&res, "service.name").as_deref(), Some("tz-e2e"));
+    assert_eq!(
+        str_attr(&res, "deployment.environment").as_deref(),
+        Some("e2e")
+    );
+    assert_eq!(str_attr(&res, "team").as_deref(), Some("sre"));
+    assert_eq!(str_attr(&res, "k8s.node.name").as_deref(), Some("node-e2e"));
+    assert_eq!(str_attr(&res, "os.type").as_deref(), Some("linux"));
+    assert_eq!(
+        rx.got.lock().unwrap().auth.first().map(String::as_str),
+        Some("Bearer s3cr3t-token")
+    );
+    assert!(
+        !agent.log_text().contains("s3cr3t"),
+        "a header value reached the log"
+    );
 }

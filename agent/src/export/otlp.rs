@@ -590,9 +590,9 @@ pub fn metrics_request(
 /// Why one export request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("gRPC: {0}")]
+    #[error("gRPC: {}", chain(.0))]
     Grpc(#[from] tonic::Status),
-    #[error("HTTP: {0}")]
+    #[error("HTTP: {}", chain(.0))]
     Http(#[from] hyper_util::client::legacy::Error),
     #[error("HTTP status {0}")]
     Status(hyper::StatusCode),
@@ -602,6 +602,21 @@ pub enum ExportError {
     Timeout(Duration),
     #[error("invalid endpoint: {0}")]
     Endpoint(String),
+}
+
+/// An error and its causes on one line ("client error (Connect): Connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// Per-request timeout (the specification's default is 10 s).
@@ -828,6 +843,12 @@ impl Backoff {
         next
     }
 
+    /// Whether the last attempt failed.
+    #[must_use]
+    pub fn failing(&self) -> bool {
+        self.current.is_some()
+    }
+
     /// Resets after a success.
     pub fn succeed(&mut self) {
         self.current = None;
@@ -853,6 +874,8 @@ pub struct SpanSink {
     sample_all: bool,
     bucket: Mutex<TokenBucket>,
     dropped: Arc<CounterVec>,
+    /// The agent's own connects (to the collector) make no spans: they would feed back.
+    own_tgid: u32,
 }
 
 /// Allows `rate` items per second with bursts of `rate`.
@@ -999,6 +1022,7 @@ impl SpanSink {
             sample_all: ratio >= 1.0,
             bucket: Mutex::new(TokenBucket::new(max_per_second)),
             dropped,
+            own_tgid: std::process::id(),
         };
         (sink, rx)
     }
@@ -1006,6 +1030,9 @@ impl SpanSink {
 
 impl ConnectSink for SpanSink {
     fn connect(&self, ev: &TcpEvent) {
+        if ev.tgid == self.own_tgid {
+            return;
+        }
         let ids: [u8; 24] = random_bytes();
         let mut trace_id = [0u8; 16];
         let mut span_id = [0u8; 8];
@@ -1074,8 +1101,12 @@ impl Otlp {
             stop_rx,
         ));
         log::info!(
-            "OTLP export to {} over {} every {:?} (headers: {}; spans: ratio {}, at most {}/s)",
-            cfg.metrics_url(),
+            "OTLP export to {} over {} (metrics every {:?}; headers: {}; spans: ratio {}, at most {}/s)",
+            match cfg.protocol {
+                OtlpProtocol::Grpc => cfg.endpoint.to_string(),
+                OtlpProtocol::HttpProtobuf =>
+                    format!("{} and {}", cfg.metrics_url(), cfg.traces_url()),
+            },
             match cfg.protocol {
                 OtlpProtocol::Grpc => "gRPC",
                 OtlpProtocol::HttpProtobuf => "HTTP/protobuf",
@@ -1141,13 +1172,22 @@ async fn run_metrics(
         match transport.send_metrics(req).await {
             Ok(()) => {
                 counters.exports.inc_by(&["metrics"], 1);
+                if backoff.failing() {
+                    log::info!("OTLP metrics export resumed");
+                }
                 backoff.succeed();
                 delay = interval;
             }
             Err(e) => {
                 counters.failures.inc_by(&["metrics"], 1);
+                let first = !backoff.failing();
                 delay = backoff.fail();
-                log::warn!("OTLP metrics export failed: {e}; retrying in {delay:?}");
+                let msg = format!("OTLP metrics export failed: {e}; retrying in {delay:?}");
+                if first {
+                    log::warn!("{msg} (further failures are logged at debug level)");
+                } else {
+                    log::debug!("{msg}");
+                }
             }
         }
     }
@@ -1221,16 +1261,25 @@ async fn run_traces(
                 Ok(()) => {
                     pending.drain(..n);
                     counters.exports.inc_by(&["traces"], 1);
+                    if backoff.failing() {
+                        log::info!("OTLP trace export resumed");
+                    }
                     backoff.succeed();
                 }
                 Err(e) => {
                     counters.failures.inc_by(&["traces"], 1);
+                    let first = !backoff.failing();
                     let delay = backoff.fail();
                     next_try = Instant::now() + delay;
-                    log::warn!(
+                    let msg = format!(
                         "OTLP trace export failed: {e}; {} spans queued, retrying in {delay:?}",
                         pending.len()
                     );
+                    if first {
+                        log::warn!("{msg} (further failures are logged at debug level)");
+                    } else {
+                        log::debug!("{msg}");
+                    }
                     break;
                 }
             }
