@@ -549,6 +549,10 @@ fn span_queue_is_bounded_while_collector_is_down() {
     );
     assert_eq!(m.sum("tanzhen_events_lost_total", &[]), 0.0);
     let rss_after = rss_kib(agent.pid());
+    eprintln!(
+        "agent RSS {rss_before} KiB -> {rss_after} KiB with the span queue full, {} spans dropped",
+        dropped(&m)
+    );
     assert!(
         rss_after < rss_before + 64 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB"

@@ -604,6 +604,32 @@ pub enum ExportError {
     Endpoint(String),
 }
 
+impl ExportError {
+    /// Whether sending the same data again can succeed (OTLP specification: gRPC codes
+    /// UNAVAILABLE, RESOURCE_EXHAUSTED, ...; HTTP 408, 429, 502, 503, 504; transport errors).
+    /// Other rejections (bad request, unauthenticated) drop the batch.
+    #[must_use]
+    pub fn retryable(&self) -> bool {
+        use tonic::Code;
+        match self {
+            Self::Grpc(s) => matches!(
+                s.code(),
+                Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::OutOfRange
+                    | Code::Unavailable
+                    | Code::DataLoss
+                    | Code::Unknown
+            ),
+            Self::Status(c) => matches!(c.as_u16(), 408 | 429 | 502..=504),
+            Self::Http(_) | Self::Timeout(_) => true,
+            Self::Request(_) | Self::Endpoint(_) => false,
+        }
+    }
+}
+
 /// An error and its causes on one line ("client error (Connect): Connection refused").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -1266,6 +1292,12 @@ async fn run_traces(
                     }
                     backoff.succeed();
                 }
+                Err(e) if !e.retryable() => {
+                    counters.failures.inc_by(&["traces"], 1);
+                    counters.dropped.inc_by(&["traces"], n as u64);
+                    pending.drain(..n);
+                    log::warn!("OTLP trace export rejected, {n} spans dropped: {e}");
+                }
                 Err(e) => {
                     counters.failures.inc_by(&["traces"], 1);
                     let first = !backoff.failing();
@@ -1617,6 +1649,16 @@ mod tests {
         assert_eq!(seq, [500, 1000, 2000, 4000, 4000, 4000]);
         b.succeed();
         assert_eq!(b.fail().as_millis(), 500);
+    }
+
+    #[test]
+    fn retry_classification() {
+        assert!(ExportError::Grpc(tonic::Status::unavailable("x")).retryable());
+        assert!(!ExportError::Grpc(tonic::Status::unauthenticated("x")).retryable());
+        assert!(ExportError::Status(hyper::StatusCode::SERVICE_UNAVAILABLE).retryable());
+        assert!(ExportError::Status(hyper::StatusCode::TOO_MANY_REQUESTS).retryable());
+        assert!(!ExportError::Status(hyper::StatusCode::BAD_REQUEST).retryable());
+        assert!(ExportError::Timeout(TIMEOUT).retryable());
     }
 
     #[test]
