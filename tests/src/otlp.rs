@@ -671,3 +671,80 @@ fn otel_environment_is_honoured() {
         "a header value reached the log"
     );
 }
+
+/// A cgroup whose path names a container (`docker/<id>` in the v1 pids hierarchy, or a
+/// `docker-<id>.scope` under the v2 root), removed when dropped.
+struct FakeContainer {
+    dir: std::path::PathBuf,
+    id: String,
+}
+
+impl FakeContainer {
+    fn create() -> Self {
+        let id = format!("{:016x}", u64::from(std::process::id()) * 0x9e37_79b9).repeat(4);
+        let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+        let dir = if v1.is_dir() {
+            v1.join("docker").join(&id)
+        } else {
+            std::path::Path::new("/sys/fs/cgroup").join(format!("docker-{id}.scope"))
+        };
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Self { dir, id }
+    }
+}
+
+impl Drop for FakeContainer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        if self.dir.parent().is_some_and(|p| p.ends_with("docker")) {
+            let _ = std::fs::remove_dir(self.dir.parent().unwrap());
+        }
+    }
+}
+
+/// A process in a container's cgroup gets `container.id` on its spans.
+#[test]
+fn spans_carry_the_container_id() {
+    let rx = Receiver::start(Proto::Http, 0);
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp",
+        "--otlp-endpoint",
+        &rx.url(),
+        "--otlp-interval",
+        "300ms",
+    ]);
+    let c = FakeContainer::create();
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    // The shell joins the cgroup, connects (bash's /dev/tcp), then waits for stdin to close so
+    // it is still alive when the agent reads /proc/<pid>/cgroup.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec 3<>/dev/tcp/127.0.0.1/{port} && read -r _",
+        c.dir.display()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("bash");
+    let pid = i64::from(child.id());
+    let of_child = || {
+        rx.spans()
+            .into_iter()
+            .filter(|s| int_attr(&s.attributes, "process.pid") == Some(pid))
+            .collect::<Vec<_>>()
+    };
+    let arrived = wait_until(Duration::from_secs(20), || !of_child().is_empty());
+    drop(child.stdin.take());
+    let _ = child.wait();
+    drop(l);
+    assert!(arrived, "no span from the shell\n{}", agent.log_text());
+    let spans = of_child();
+    assert_eq!(spans.len(), 1);
+    assert_eq!(
+        str_attr(&spans[0].attributes, "container.id").as_deref(),
+        Some(c.id.as_str())
+    );
+}

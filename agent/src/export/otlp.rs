@@ -900,6 +900,7 @@ pub struct SpanSink {
     sample_all: bool,
     bucket: Mutex<TokenBucket>,
     dropped: Arc<CounterVec>,
+    containers: ContainerIds,
     /// The agent's own connects (to the collector) make no spans: they would feed back.
     own_tgid: u32,
 }
@@ -1048,6 +1049,7 @@ impl SpanSink {
             sample_all: ratio >= 1.0,
             bucket: Mutex::new(TokenBucket::new(max_per_second)),
             dropped,
+            containers: ContainerIds::default(),
             own_tgid: std::process::id(),
         };
         (sink, rx)
@@ -1069,7 +1071,7 @@ impl ConnectSink for SpanSink {
         if !self.sample_all && low >= self.threshold {
             return;
         }
-        let Some(span) = connect_span(ev, monotonic_to_unix_offset(), trace_id, span_id) else {
+        let Some(mut span) = connect_span(ev, monotonic_to_unix_offset(), trace_id, span_id) else {
             return;
         };
         let allowed = self
@@ -1077,10 +1079,71 @@ impl ConnectSink for SpanSink {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take(Instant::now());
-        if !allowed || self.tx.try_send(span).is_err() {
+        if !allowed {
+            self.dropped.inc_by(&["traces"], 1);
+            return;
+        }
+        // Only for spans that will be sent (at most --trace-max-spans-per-second /proc reads).
+        if let Some(id) = self.containers.lookup(ev.cgroup_id, ev.tgid) {
+            span.attributes.push(kv_str("container.id", id));
+        }
+        if self.tx.try_send(span).is_err() {
             self.dropped.inc_by(&["traces"], 1);
         }
     }
+}
+
+/// Container ids by (cgroup id, tgid), read from `/proc/<tgid>/cgroup` on a miss. The tgid is
+/// part of the key because with cgroup v1 (4.19-era distributions) every process sits in the
+/// root v2 cgroup, so the cgroup id alone tells nothing. Bounded: cleared when full. (A
+/// stop-gap until the metadata module owns process and container metadata.)
+#[derive(Debug, Default)]
+struct ContainerIds(Mutex<std::collections::HashMap<(u64, u32), Option<String>>>);
+
+/// Entries kept in [`ContainerIds`].
+const CONTAINER_CACHE: usize = 4096;
+
+impl ContainerIds {
+    fn lookup(&self, cgroup_id: u64, tgid: u32) -> Option<String> {
+        if tgid == 0 {
+            return None;
+        }
+        if let Some(hit) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(cgroup_id, tgid))
+        {
+            return hit.clone();
+        }
+        // The process may be gone already (short-lived clients): then nothing is cached.
+        let text = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
+        let id = container_id(&text);
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= CONTAINER_CACHE {
+            cache.clear();
+        }
+        cache.insert((cgroup_id, tgid), id.clone());
+        id
+    }
+}
+
+/// The container id in a `/proc/<pid>/cgroup` text (cgroup v1 or v2): the last 64-hex-digit
+/// path segment, bare (`/docker/<id>`, `/kubepods/.../<id>`) or in a systemd scope
+/// (`docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`).
+#[must_use]
+pub fn container_id(cgroup: &str) -> Option<String> {
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    cgroup
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .flat_map(|path| path.split('/'))
+        .filter_map(|seg| {
+            let seg = seg.strip_suffix(".scope").unwrap_or(seg);
+            let tail = seg.rsplit(['-', ':']).next().unwrap_or(seg);
+            is_id(tail).then(|| tail.to_ascii_lowercase())
+        })
+        .next_back()
 }
 
 fn span_id_low(trace_id: &[u8; 16]) -> [u8; 8] {
@@ -1659,6 +1722,28 @@ mod tests {
         assert!(ExportError::Status(hyper::StatusCode::TOO_MANY_REQUESTS).retryable());
         assert!(!ExportError::Status(hyper::StatusCode::BAD_REQUEST).retryable());
         assert!(ExportError::Timeout(TIMEOUT).retryable());
+    }
+
+    #[test]
+    fn container_ids_from_cgroup_files() {
+        let id = "3f1c0e9d2b7a4c5e8f6a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5a6";
+        for text in [
+            format!("0::/system.slice/docker-{id}.scope\n"),
+            format!("12:pids:/docker/{id}\n1:name=systemd:/docker/{id}\n"),
+            format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1a2b.slice/cri-containerd-{id}.scope"
+            ),
+            format!("0::/kubepods/burstable/pod7c1d-22/{id}"),
+            format!("0::/machine.slice/libpod-{id}.scope/container"),
+            format!("0::/system.slice/crio-{id}.scope"),
+        ] {
+            assert_eq!(container_id(&text).as_deref(), Some(id), "{text}");
+        }
+        assert_eq!(
+            container_id("0::/user.slice/user-0.slice/session-3.scope\n"),
+            None
+        );
+        assert_eq!(container_id(""), None);
     }
 
     #[test]
