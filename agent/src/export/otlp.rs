@@ -83,7 +83,7 @@ pub struct OtlpArgs {
 
     /// Header sent with every OTLP export, as KEY=VALUE (repeatable; e.g. an API token). Added to
     /// OTEL_EXPORTER_OTLP_HEADERS, overriding equal keys. Values are never logged.
-    #[arg(long = "otlp-header", env = "TANZHEN_OTLP_HEADERS", value_delimiter = ',',
+    #[arg(long = "otlp-header", env = "TANZHEN_OTLP_HEADERS", hide_env_values = true, value_delimiter = ',',
           value_name = "KEY=VALUE", value_parser = parse_header)]
     pub otlp_headers: Vec<(String, String)>,
 
@@ -1067,7 +1067,7 @@ impl ConnectSink for SpanSink {
         trace_id.copy_from_slice(&ids[..16]);
         span_id.copy_from_slice(&ids[16..]);
         // TraceIdRatioBased: the low 8 bytes of the trace id against ratio * 2^64.
-        let low = u64::from_be_bytes(span_id_low(&trace_id));
+        let low = u64::from_be_bytes(trace_id_low(&trace_id));
         if !self.sample_all && low >= self.threshold {
             return;
         }
@@ -1146,7 +1146,7 @@ pub fn container_id(cgroup: &str) -> Option<String> {
         .next_back()
 }
 
-fn span_id_low(trace_id: &[u8; 16]) -> [u8; 8] {
+fn trace_id_low(trace_id: &[u8; 16]) -> [u8; 8] {
     let mut b = [0u8; 8];
     b.copy_from_slice(&trace_id[8..]);
     b
@@ -1538,6 +1538,18 @@ mod tests {
     }
 
     #[test]
+    fn help_never_shows_header_values() {
+        use clap::CommandFactory;
+        let mut cmd = crate::cli::Cli::command();
+        let run = cmd.find_subcommand_mut("run").unwrap();
+        let arg = run
+            .get_arguments()
+            .find(|a| a.get_id() == "otlp_headers")
+            .unwrap();
+        assert!(arg.is_hide_env_values_set());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
@@ -1703,6 +1715,27 @@ mod tests {
             none.connect(&event(TCP_EVENT_CONNECT_FAILED));
         }
         assert!(rx.try_recv().is_err(), "ratio 0 keeps nothing");
+    }
+
+    #[test]
+    fn sample_ratio_keeps_about_that_fraction() {
+        let s = Snapshot::default();
+        let counters = OtlpCounters::register(&s);
+        let (half, mut rx) = SpanSink::new(0.5, 1_000_000, counters.dropped.clone());
+        for _ in 0..2000 {
+            half.connect(&event(TCP_EVENT_CONNECT_ESTABLISHED));
+        }
+        let mut kept = 0;
+        while rx.try_recv().is_ok() {
+            kept += 1;
+        }
+        // Binomial(2000, 0.5): sd ~22, so +-200 is ~9 sd.
+        assert!((800..=1200).contains(&kept), "kept {kept} of 2000");
+        assert_eq!(
+            counters.dropped.get(&["traces"]),
+            0,
+            "sampling is not dropping"
+        );
     }
 
     #[test]
