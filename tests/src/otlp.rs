@@ -748,3 +748,46 @@ fn spans_carry_the_container_id() {
         Some(c.id.as_str())
     );
 }
+
+/// A collector that accepts connections and never answers: `/metrics` keeps being served and
+/// SIGTERM still stops the agent cleanly (the pending exports are abandoned for a bounded
+/// final flush).
+#[test]
+fn hung_collector_does_not_block_serving_or_shutdown() {
+    let hole = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    thread::spawn(move || {
+        for s in hole.incoming().flatten() {
+            h.lock().unwrap().push(s);
+        }
+    });
+    for proto in [Proto::Http, Proto::Grpc] {
+        let mut agent = Agent::start(&[
+            "--probes",
+            "tcp",
+            "--otlp-endpoint",
+            &format!("http://127.0.0.1:{port}"),
+            "--otlp-protocol",
+            proto.flag(),
+            "--otlp-interval",
+            "200ms",
+        ]);
+        workload(&comm("tzoy"), 2, 1);
+        // Exports are now stuck waiting for an answer; the endpoint still serves.
+        assert!(wait_until(Duration::from_secs(20), || !held
+            .lock()
+            .unwrap()
+            .is_empty()));
+        thread::sleep(Duration::from_millis(500));
+        assert_eq!(http_get(agent.addr, "/healthz").unwrap().0, 200);
+        assert!(
+            agent
+                .scrape()
+                .0
+                .contains("tanzhen_otlp_export_failures_total")
+        );
+        assert_eq!(agent.stop(), Some(0), "{proto:?}\n{}", agent.log_text());
+    }
+}

@@ -1258,7 +1258,12 @@ async fn run_metrics(
             start_ns,
             unix_nanos(SystemTime::now()),
         );
-        match transport.send_metrics(req).await {
+        // A stop during a slow export abandons it for the (bounded) final flush.
+        let res = tokio::select! {
+            res = transport.send_metrics(req) => res,
+            _ = stop.changed() => break,
+        };
+        match res {
             Ok(()) => {
                 counters.exports.inc_by(&["metrics"], 1);
                 if backoff.failing() {
@@ -1328,7 +1333,7 @@ async fn run_traces(
             pending.push_back(span);
         }
     };
-    loop {
+    'run: loop {
         let full = tokio::select! {
             _ = stop.changed() => break,
             Some(span) = rx.recv() => {
@@ -1343,10 +1348,11 @@ async fn run_traces(
         while !pending.is_empty() {
             let n = pending.len().min(SPAN_BATCH);
             let batch: Vec<Span> = pending.iter().take(n).cloned().collect();
-            match transport
-                .send_traces(traces_request(&resource, batch))
-                .await
-            {
+            let res = tokio::select! {
+                res = transport.send_traces(traces_request(&resource, batch)) => res,
+                _ = stop.changed() => break 'run,
+            };
+            match res {
                 Ok(()) => {
                     pending.drain(..n);
                     counters.exports.inc_by(&["traces"], 1);
