@@ -70,7 +70,13 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RunError> {
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
     let otlp =
         OtlpConfig::resolve(&args.otlp, &|k| std::env::var(k).ok()).map_err(RunError::Usage)?;
-    let listener = bind(args.listen)?;
+    if args.listen.0.is_none() && otlp.is_none() {
+        return Err(RunError::Usage(
+            "--listen none leaves nothing to export; add --otlp-endpoint URL or listen on an address"
+                .into(),
+        ));
+    }
+    let listener = args.listen.0.map(bind).transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tanzhen-rt")
@@ -82,11 +88,14 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
 
 async fn run_async(
     args: &RunArgs,
-    listener: std::net::TcpListener,
+    listener: Option<std::net::TcpListener>,
     otlp: Option<OtlpConfig>,
 ) -> Result<(), RunError> {
     let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| fatal(&e))?;
+    let listener = listener
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()
+        .map_err(|e| fatal(&e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| fatal(&e))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| fatal(&e))?;
 
@@ -172,10 +181,16 @@ async fn run_async(
         ));
     }
 
-    let addr = listener.local_addr().map_err(|e| fatal(&e))?;
-    let server = tokio::spawn(server::serve(listener, snapshot.clone(), stop_rx.clone()));
+    let (server, serving) = match listener {
+        Some(listener) => {
+            let addr = listener.local_addr().map_err(|e| fatal(&e))?;
+            let server = tokio::spawn(server::serve(listener, snapshot.clone(), stop_rx.clone()));
+            (Some(server), format!("metrics at http://{addr}/metrics"))
+        }
+        None => (None, "no HTTP endpoint (--listen none)".to_owned()),
+    };
     log::info!(
-        "tanzhen {VERSION} on {} ({}): probes {} attached; metrics at http://{addr}/metrics",
+        "tanzhen {VERSION} on {} ({}): probes {} attached; {serving}",
         uname.release,
         uname.machine,
         attached.join(",")
@@ -204,10 +219,12 @@ async fn run_async(
     if let Some(otlp) = otlp {
         otlp.shutdown().await;
     }
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => log::error!("http server: {e}"),
-        Err(e) => log::error!("http server task: {e}"),
+    if let Some(server) = server {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("http server: {e}"),
+            Err(e) => log::error!("http server task: {e}"),
+        }
     }
     log::info!("stopped");
     Ok(())

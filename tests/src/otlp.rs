@@ -791,3 +791,71 @@ fn hung_collector_does_not_block_serving_or_shutdown() {
         assert_eq!(agent.stop(), Some(0), "{proto:?}\n{}", agent.log_text());
     }
 }
+
+/// OTLP alone: `--listen none` serves no HTTP endpoint and still exports everything; without an
+/// OTLP endpoint it is a usage error.
+#[test]
+fn otlp_without_prometheus_endpoint() {
+    crate::require_root();
+    let rx = Receiver::start(Proto::Grpc, 0);
+    let log =
+        std::env::temp_dir().join(format!("tanzhen-e2e-otlp-only-{}.log", std::process::id()));
+    let mut child = Command::new(tanzhen_bin())
+        .args([
+            "run",
+            "--probes",
+            "tcp",
+            "--listen",
+            "none",
+            "--log-level",
+            "debug",
+            "--otlp-protocol",
+            "grpc",
+            "--otlp-interval",
+            "300ms",
+            "--otlp-endpoint",
+            &rx.url(),
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Attached once the probe reports up over OTLP.
+    let up = wait_until(Duration::from_secs(60), || {
+        rx.last_metrics().is_some_and(|m| {
+            m.resource_metrics
+                .iter()
+                .flat_map(|rm| &rm.scope_metrics)
+                .flat_map(|sm| &sm.metrics)
+                .any(|m| m.name == "tanzhen.probe.up")
+        })
+    });
+    assert!(up, "no metrics export\n{}", log_text());
+    let name = comm("tzon");
+    workload(&name, 3, 1);
+    let ok = wait_until(Duration::from_secs(20), || {
+        spans_of(&rx, &name).len() >= 4
+            && rx.last_metrics().is_some_and(|m| {
+                otlp_connects(&m, &name, "established") == Some(3)
+                    && otlp_connects(&m, &name, "failed") == Some(1)
+            })
+    });
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let text = log_text();
+    let _ = std::fs::remove_file(&log);
+    assert!(ok, "{} spans\n{text}", spans_of(&rx, &name).len());
+    assert_eq!(spans_of(&rx, &name).len(), 4);
+    assert!(text.contains("no HTTP endpoint"), "{text}");
+    assert_eq!(status.code(), Some(0), "{text}");
+
+    let out = Command::new(tanzhen_bin())
+        .args(["run", "--probes", "tcp", "--listen", "none"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("nothing to export"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
