@@ -10,10 +10,11 @@ use tokio::{
 
 use crate::{
     cli::{RunArgs, VERSION},
+    export::otlp::{Otlp, OtlpConfig},
     kernel, loader,
     probe::{
         ProbeError, ProbeKind,
-        tcp::{LossCounters, TcpProbe},
+        tcp::{ConnectSink, LossCounters, TcpProbe},
     },
     server,
     snapshot::{Desc, Snapshot},
@@ -67,28 +68,47 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, RunError> {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
+    let otlp =
+        OtlpConfig::resolve(&args.otlp, &|k| std::env::var(k).ok()).map_err(RunError::Usage)?;
+    if args.listen.0.is_none() && otlp.is_none() {
+        return Err(RunError::Usage(
+            "--listen none leaves nothing to export; add --otlp-endpoint URL or listen on an address"
+                .into(),
+        ));
+    }
     if args.dry_run {
         let probes: Vec<&str> = args.probes.iter().map(|p| p.name()).collect();
+        let listen = args
+            .listen
+            .0
+            .map_or_else(|| "none".to_owned(), |a| a.to_string());
+        let otlp = if otlp.is_some() { "on" } else { "off" };
         println!(
-            "configuration ok: probes {}; listen {}",
-            probes.join(","),
-            args.listen
+            "configuration ok: probes {}; listen {listen}; otlp {otlp}",
+            probes.join(",")
         );
         return Ok(());
     }
-    let listener = bind(args.listen)?;
+    let listener = args.listen.0.map(bind).transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tanzhen-rt")
         .enable_all()
         .build()
         .map_err(|e| RunError::Fatal(format!("starting the runtime: {e}")))?;
-    rt.block_on(run_async(args, listener))
+    rt.block_on(run_async(args, listener, otlp))
 }
 
-async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<(), RunError> {
+async fn run_async(
+    args: &RunArgs,
+    listener: Option<std::net::TcpListener>,
+    otlp: Option<OtlpConfig>,
+) -> Result<(), RunError> {
     let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| fatal(&e))?;
+    let listener = listener
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()
+        .map_err(|e| fatal(&e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| fatal(&e))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| fatal(&e))?;
 
@@ -124,6 +144,14 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
     loss.events_lost.persistent();
     loss.decode_errors.persistent();
 
+    let otlp = otlp
+        .map(|cfg| Otlp::start(&cfg, &snapshot))
+        .transpose()
+        .map_err(|e| RunError::Usage(format!("OTLP: {e}")))?;
+    let span_sink = otlp
+        .as_ref()
+        .map(|o| o.sink.clone() as std::sync::Arc<dyn ConnectSink>);
+
     let tracefs = kernel::tracefs().map_err(|e| fatal(&e))?;
     if tracefs.mounted_now {
         log::info!("mounted tracefs at {}", tracefs.path.display());
@@ -135,10 +163,16 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
     let mut attached = Vec::new();
     for &kind in args.probes.iter() {
         let res = match kind {
-            ProbeKind::Tcp => TcpProbe::attach(&mut ebpf, &tracefs.path, &snapshot, loss.clone())
-                .map(|p| {
-                    tasks.spawn(p.run(stop_rx.clone()));
-                }),
+            ProbeKind::Tcp => TcpProbe::attach(
+                &mut ebpf,
+                &tracefs.path,
+                &snapshot,
+                loss.clone(),
+                span_sink.clone(),
+            )
+            .map(|p| {
+                tasks.spawn(p.run(stop_rx.clone()));
+            }),
             ProbeKind::Syscalls | ProbeKind::Sched => Err(ProbeError::Unsupported {
                 probe: kind.name(),
                 reason: "not built into this version".into(),
@@ -166,10 +200,16 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
         ));
     }
 
-    let addr = listener.local_addr().map_err(|e| fatal(&e))?;
-    let server = tokio::spawn(server::serve(listener, snapshot.clone(), stop_rx.clone()));
+    let (server, serving) = match listener {
+        Some(listener) => {
+            let addr = listener.local_addr().map_err(|e| fatal(&e))?;
+            let server = tokio::spawn(server::serve(listener, snapshot.clone(), stop_rx.clone()));
+            (Some(server), format!("metrics at http://{addr}/metrics"))
+        }
+        None => (None, "no HTTP endpoint (--listen none)".to_owned()),
+    };
     log::info!(
-        "tanzhen {VERSION} on {} ({}): probes {} attached; metrics at http://{addr}/metrics",
+        "tanzhen {VERSION} on {} ({}): probes {} attached; {serving}",
         uname.release,
         uname.machine,
         attached.join(",")
@@ -193,10 +233,17 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
             Err(e) => log::error!("probe task: {e}"),
         }
     }
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => log::error!("http server: {e}"),
-        Err(e) => log::error!("http server task: {e}"),
+    // Probes have flushed their last events: export them, then stop serving.
+    drop(span_sink);
+    if let Some(otlp) = otlp {
+        otlp.shutdown().await;
+    }
+    if let Some(server) = server {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("http server: {e}"),
+            Err(e) => log::error!("http server task: {e}"),
+        }
     }
     log::info!("stopped");
     Ok(())

@@ -41,9 +41,13 @@ pub struct RunArgs {
     #[arg(long, env = "TANZHEN_PROBES", default_value = "all", value_parser = probe::parse_list)]
     pub probes: probe::ProbeList,
 
-    /// Address for the HTTP endpoint serving /metrics and /healthz, as IP:PORT.
+    /// Address for the HTTP endpoint serving /metrics and /healthz, as IP:PORT, or `none` for
+    /// no endpoint (OTLP export only).
     #[arg(long, env = "TANZHEN_LISTEN", default_value = "0.0.0.0:9527", value_parser = parse_listen)]
-    pub listen: SocketAddr,
+    pub listen: Listen,
+
+    #[command(flatten)]
+    pub otlp: crate::export::otlp::OtlpArgs,
 
     /// Log verbosity.
     #[arg(long, env = "TANZHEN_LOG_LEVEL", default_value = "info", value_enum)]
@@ -116,10 +120,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
-fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>().map_err(|_| {
+/// Where the HTTP endpoint listens; `None` (`--listen none`) serves nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "none" {
+        return Ok(Listen(None));
+    }
+    s.parse::<SocketAddr>().map(|a| Listen(Some(a))).map_err(|_| {
         format!(
-            "`{s}` is not an IP:PORT address; use e.g. 0.0.0.0:9527, 127.0.0.1:9527 or [::]:9527"
+            "`{s}` is not an IP:PORT address; use e.g. 0.0.0.0:9527, 127.0.0.1:9527, [::]:9527 or none"
         )
     })
 }
@@ -177,7 +188,7 @@ mod tests {
     fn defaults() {
         let r = run_args(&[]).unwrap();
         assert_eq!(*r.probes, [ProbeKind::Tcp]);
-        assert_eq!(r.listen, "0.0.0.0:9527".parse().unwrap());
+        assert_eq!(r.listen, Listen(Some("0.0.0.0:9527".parse().unwrap())));
     }
 
     #[test]
@@ -209,7 +220,11 @@ mod tests {
         }
         assert_eq!(
             run_args(&["--listen", "[::1]:9"]).unwrap().listen,
-            "[::1]:9".parse().unwrap()
+            Listen(Some("[::1]:9".parse().unwrap()))
+        );
+        assert_eq!(
+            run_args(&["--listen", "none"]).unwrap().listen,
+            Listen(None)
         );
     }
 

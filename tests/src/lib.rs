@@ -15,6 +15,8 @@ use std::{
 #[cfg(test)]
 mod cli;
 #[cfg(test)]
+mod otlp;
+#[cfg(test)]
 mod tcp;
 
 /// Path of the binary under test: `$TANZHEN_BIN`, else `target/debug/tanzhen`.
@@ -57,6 +59,12 @@ impl Agent {
     /// (the server starts only after every probe has attached).
     #[must_use]
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    #[must_use]
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         require_root();
         let bin = tanzhen_bin();
         assert!(
@@ -75,6 +83,7 @@ impl Agent {
             .arg("run")
             .args(args)
             .args(["--listen", &addr.to_string(), "--log-level", "debug"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -102,6 +111,12 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Process id of the running agent.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// The agent's stderr so far.

@@ -1,3 +1,4 @@
 //! Exporters: each translates the [`Snapshot`](crate::snapshot::Snapshot) into one wire format.
 
+pub mod otlp;
 pub mod prometheus;

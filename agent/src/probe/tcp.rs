@@ -122,6 +122,14 @@ pub fn peer(ev: &TcpEvent) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, ev.dport)
 }
 
+/// Receives every decoded connect outcome, e.g. the OTLP span exporter, so the probe does not
+/// depend on it. Called inline in the drain loop: implementations must not block (queue with
+/// `try_send` and count what does not fit).
+pub trait ConnectSink: Send + Sync {
+    /// One connect attempt finished (established or failed).
+    fn connect(&self, ev: &TcpEvent);
+}
+
 /// The TCP probe's metric families.
 #[derive(Debug)]
 pub struct TcpMetrics {
@@ -184,6 +192,7 @@ pub struct TcpProbe {
     lost: PerCpuArray<MapData, u64>,
     metrics: TcpMetrics,
     loss: LossCounters,
+    sink: Option<Arc<dyn ConnectSink>>,
 }
 
 impl TcpProbe {
@@ -193,6 +202,7 @@ impl TcpProbe {
         tracefs: &Path,
         snapshot: &Snapshot,
         loss: LossCounters,
+        sink: Option<Arc<dyn ConnectSink>>,
     ) -> Result<Self, ProbeError> {
         let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
         let off = offsets(&format)?;
@@ -236,6 +246,7 @@ impl TcpProbe {
             lost,
             metrics: TcpMetrics::register(snapshot),
             loss,
+            sink,
         })
     }
 
@@ -246,7 +257,9 @@ impl TcpProbe {
             lost,
             metrics,
             loss,
+            sink,
         } = self;
+        let sink = sink.as_deref();
         // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf.
         let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(std::io::Error::from)?;
@@ -255,7 +268,7 @@ impl TcpProbe {
             tokio::select! {
                 res = fd.readable_mut() => {
                     let mut guard = res?;
-                    drain(guard.get_inner_mut(), &metrics, &loss);
+                    drain(guard.get_inner_mut(), &metrics, &loss, sink);
                     guard.clear_ready();
                 }
                 _ = tick.tick() => read_lost(&lost, &loss),
@@ -263,7 +276,7 @@ impl TcpProbe {
             }
         }
         // Flush: events submitted before detach are still in the buffer.
-        drain(fd.get_mut(), &metrics, &loss);
+        drain(fd.get_mut(), &metrics, &loss, sink);
         read_lost(&lost, &loss);
         Ok(())
     }
@@ -302,7 +315,12 @@ fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<MapData>, metrics: &TcpMetrics, loss: &LossCounters) {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    metrics: &TcpMetrics,
+    loss: &LossCounters,
+    sink: Option<&dyn ConnectSink>,
+) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(ev) => {
@@ -313,6 +331,11 @@ fn drain(ring: &mut RingBuf<MapData>, metrics: &TcpMetrics, loss: &LossCounters)
                     peer(&ev)
                 );
                 metrics.record(&ev);
+                if let Some(sink) = sink
+                    && ev.kind != TCP_EVENT_ACCEPT
+                {
+                    sink.connect(&ev);
+                }
             }
             Err(e) => {
                 log::debug!("tcp: undecodable record: {e}");

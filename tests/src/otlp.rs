@@ -1,0 +1,861 @@
+//! OTLP export end to end: a real OTLP receiver (tonic gRPC or axum HTTP/protobuf) runs inside
+//! the test and decodes what the real agent sends with opentelemetry-proto's generated types.
+//! Spans of a distinctive-comm workload are counted exactly; the OTLP metric
+//! `tanzhen.tcp.connects` must equal `/metrics`; a receiver that is down then up must see the
+//! export resume while the agent keeps running and counts the failures.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    process::Command,
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::{
+        metrics::v1::{
+            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+            metrics_service_server::{MetricsService, MetricsServiceServer},
+        },
+        trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
+    },
+    common::v1::{KeyValue, any_value::Value},
+    metrics::v1::{metric::Data, number_data_point},
+    trace::v1::{Span, span::SpanKind, status::StatusCode},
+};
+use prost::Message as _;
+
+use crate::{Agent, free_port, http_get, tanzhen_bin};
+
+/// What the receiver got.
+#[derive(Default)]
+struct Received {
+    traces: Vec<ExportTraceServiceRequest>,
+    metrics: Vec<ExportMetricsServiceRequest>,
+    /// `authorization` header values seen by the HTTP receiver.
+    auth: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Received>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    Grpc,
+    Http,
+}
+
+impl Proto {
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Http => "http-protobuf",
+        }
+    }
+}
+
+/// An OTLP receiver serving on a loopback port until dropped (its runtime goes with it, which
+/// closes the listening socket).
+struct Receiver {
+    addr: SocketAddr,
+    got: Shared,
+    _rt: tokio::runtime::Runtime,
+}
+
+struct Grpc(Shared);
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().traces.push(req.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().metrics.push(req.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+async fn http_traces(
+    axum::extract::State(got): axum::extract::State<Shared>,
+    body: bytes::Bytes,
+) -> (axum::http::StatusCode, Vec<u8>) {
+    match ExportTraceServiceRequest::decode(body) {
+        Ok(r) => {
+            got.lock().unwrap().traces.push(r);
+            (
+                axum::http::StatusCode::OK,
+                ExportTraceServiceResponse::default().encode_to_vec(),
+            )
+        }
+        Err(_) => (axum::http::StatusCode::BAD_REQUEST, Vec::new()),
+    }
+}
+
+async fn http_metrics(
+    axum::extract::State(got): axum::extract::State<Shared>,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+) -> (axum::http::StatusCode, Vec<u8>) {
+    match ExportMetricsServiceRequest::decode(body) {
+        Ok(r) => {
+            let mut got = got.lock().unwrap();
+            got.metrics.push(r);
+            if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+                got.auth.push(v.to_owned());
+            }
+            (
+                axum::http::StatusCode::OK,
+                ExportMetricsServiceResponse::default().encode_to_vec(),
+            )
+        }
+        Err(_) => (axum::http::StatusCode::BAD_REQUEST, Vec::new()),
+    }
+}
+
+impl Receiver {
+    /// Starts a receiver on `port` (0: any free port).
+    fn start(proto: Proto, port: u16) -> Self {
+        let std_listener =
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind the OTLP receiver");
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let got = Shared::default();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let g = got.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            match proto {
+                Proto::Grpc => {
+                    tonic::transport::Server::builder()
+                        .add_service(TraceServiceServer::new(Grpc(g.clone())))
+                        .add_service(MetricsServiceServer::new(Grpc(g)))
+                        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                        .await
+                        .unwrap();
+                }
+                Proto::Http => {
+                    let app = axum::Router::new()
+                        .route("/v1/traces", axum::routing::post(http_traces))
+                        .route("/v1/metrics", axum::routing::post(http_metrics))
+                        .with_state(g);
+                    axum::serve(listener, app).await.unwrap();
+                }
+            }
+        });
+        Self { addr, got, _rt: rt }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every span received so far.
+    fn spans(&self) -> Vec<Span> {
+        let got = self.got.lock().unwrap();
+        got.traces
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| ss.spans.clone())
+            .collect()
+    }
+
+    /// The newest metrics request.
+    fn last_metrics(&self) -> Option<ExportMetricsServiceRequest> {
+        self.got.lock().unwrap().metrics.last().cloned()
+    }
+}
+
+fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
+    attrs
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+    match attr(attrs, key) {
+        Some(Value::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn int_attr(attrs: &[KeyValue], key: &str) -> Option<i64> {
+    match attr(attrs, key) {
+        Some(Value::IntValue(v)) => Some(*v),
+        _ => None,
+    }
+}
+
+fn comm(prefix: &str) -> String {
+    let mut s = format!("{prefix}{}", std::process::id());
+    s.truncate(15);
+    s
+}
+
+/// In a thread named `name`: `ok` connects to a listener (accepted by another thread), then
+/// `refused` connects to a closed port. Returns (listener port, closed port).
+fn workload(name: &str, ok: usize, refused: usize) -> (u16, u16) {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let to = l.local_addr().unwrap();
+    let acceptor = thread::spawn(move || {
+        for _ in 0..ok {
+            drop(l.accept().expect("accept"));
+        }
+    });
+    let closed = free_port();
+    thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            for _ in 0..ok {
+                drop(std::net::TcpStream::connect(to).expect("connect"));
+            }
+            for _ in 0..refused {
+                let e = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, closed))
+                    .expect_err("a closed port refuses");
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    acceptor.join().unwrap();
+    (to.port(), closed)
+}
+
+/// Two IPv6 loopback connects from a thread named `name`; the listener's port, or `None`
+/// without IPv6 loopback (the tcp tests already fail loudly then).
+fn workload_v6(name: &str) -> Option<u16> {
+    let l = TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)).ok()?;
+    let to = l.local_addr().unwrap();
+    thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            for _ in 0..2 {
+                drop(std::net::TcpStream::connect(to).expect("connect over IPv6"));
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    Some(to.port())
+}
+
+fn spans_of(r: &Receiver, comm: &str) -> Vec<Span> {
+    r.spans()
+        .into_iter()
+        .filter(|s| str_attr(&s.attributes, "process.executable.name").as_deref() == Some(comm))
+        .collect()
+}
+
+/// Polls `cond` until it holds or `timeout` passes (events and exports are asynchronous).
+fn wait_until(timeout: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// `tanzhen.tcp.connects` for `comm` and `outcome` in an OTLP metrics request.
+fn otlp_connects(req: &ExportMetricsServiceRequest, comm: &str, outcome: &str) -> Option<i64> {
+    req.resource_metrics
+        .iter()
+        .flat_map(|rm| &rm.scope_metrics)
+        .flat_map(|sm| &sm.metrics)
+        .filter(|m| m.name == "tanzhen.tcp.connects")
+        .find_map(|m| match &m.data {
+            Some(Data::Sum(s)) => s.data_points.iter().find_map(|p| {
+                let ours = str_attr(&p.attributes, "process.executable.name").as_deref()
+                    == Some(comm)
+                    && str_attr(&p.attributes, "outcome").as_deref() == Some(outcome);
+                match (ours, &p.value) {
+                    (true, Some(number_data_point::Value::AsInt(v))) => Some(*v),
+                    _ => None,
+                }
+            }),
+            _ => None,
+        })
+}
+
+fn spans_and_metrics(proto: Proto) {
+    let rx = Receiver::start(proto, 0);
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp",
+        "--otlp-endpoint",
+        &rx.url(),
+        "--otlp-protocol",
+        proto.flag(),
+        "--otlp-interval",
+        "500ms",
+    ]);
+    let name = comm(if proto == Proto::Grpc { "tzog" } else { "tzoh" });
+    let unix_ns = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    let before = unix_ns();
+    let (ok_port, closed_port) = workload(&name, 20, 10);
+    let after = unix_ns();
+    let v6_name = comm(if proto == Proto::Grpc { "tz6g" } else { "tz6h" });
+    let v6 = workload_v6(&v6_name);
+
+    wait_until(Duration::from_secs(20), || spans_of(&rx, &name).len() >= 30);
+    // Let duplicates (if any) arrive too, so "exactly" means exactly.
+    thread::sleep(Duration::from_millis(1500));
+    let spans = spans_of(&rx, &name);
+    assert_eq!(
+        spans.len(),
+        30,
+        "spans for comm {name}\n{}",
+        agent.log_text()
+    );
+
+    // The kernel's monotonic timestamps, converted to wall-clock time, fall inside the
+    // workload's own wall-clock window (with 1 s of slack for clock adjustments).
+    let (lo, hi) = (before - 1_000_000_000, after + 1_000_000_000);
+    let mut failed = 0;
+    for s in &spans {
+        assert_eq!(s.kind, SpanKind::Client as i32, "{s:?}");
+        assert_eq!(s.trace_id.len(), 16);
+        assert_eq!(s.span_id.len(), 8);
+        assert!(s.start_time_unix_nano <= s.end_time_unix_nano, "{s:?}");
+        assert!(
+            lo <= s.start_time_unix_nano && s.end_time_unix_nano <= hi,
+            "span [{}, {}] outside the workload [{before}, {after}]",
+            s.start_time_unix_nano,
+            s.end_time_unix_nano
+        );
+        let a = &s.attributes;
+        assert_eq!(str_attr(a, "network.transport").as_deref(), Some("tcp"));
+        assert_eq!(str_attr(a, "network.type").as_deref(), Some("ipv4"));
+        assert_eq!(
+            str_attr(a, "network.peer.address").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(str_attr(a, "server.address").as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            int_attr(a, "process.pid"),
+            Some(i64::from(std::process::id()))
+        );
+        let port = int_attr(a, "network.peer.port").expect("network.peer.port");
+        let status = s.status.clone().unwrap_or_default().code;
+        if status == StatusCode::Error as i32 {
+            failed += 1;
+            assert_eq!(port, i64::from(closed_port), "{s:?}");
+        } else {
+            assert_eq!(status, StatusCode::Unset as i32, "{s:?}");
+            assert_eq!(port, i64::from(ok_port), "{s:?}");
+        }
+    }
+    assert_eq!(failed, 10, "failed connects carry status ERROR");
+
+    if let Some(v6_port) = v6 {
+        assert!(wait_until(Duration::from_secs(20), || spans_of(
+            &rx, &v6_name
+        )
+        .len()
+            >= 2));
+        for s in spans_of(&rx, &v6_name) {
+            let a = &s.attributes;
+            assert_eq!(
+                str_attr(a, "network.type").as_deref(),
+                Some("ipv6"),
+                "{s:?}"
+            );
+            assert_eq!(str_attr(a, "network.peer.address").as_deref(), Some("::1"));
+            assert_eq!(int_attr(a, "network.peer.port"), Some(i64::from(v6_port)));
+        }
+        assert_eq!(spans_of(&rx, &v6_name).len(), 2);
+    }
+
+    // The resource names the agent.
+    let resource = rx.got.lock().unwrap().traces[0].resource_spans[0]
+        .resource
+        .clone()
+        .unwrap();
+    assert_eq!(
+        str_attr(&resource.attributes, "service.name").as_deref(),
+        Some("tanzhen")
+    );
+    assert!(str_attr(&resource.attributes, "host.name").is_some());
+    assert!(str_attr(&resource.attributes, "host.arch").is_some());
+
+    // Metrics: the OTLP counter equals /metrics.
+    let ok = wait_until(Duration::from_secs(20), || {
+        rx.last_metrics().is_some_and(|m| {
+            otlp_connects(&m, &name, "established") == Some(20)
+                && otlp_connects(&m, &name, "failed") == Some(10)
+        })
+    });
+    let scrape = agent.scrape();
+    let prom = |outcome| {
+        scrape.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", &name), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((prom("established"), prom("failed")), (20.0, 10.0));
+    let m = rx.last_metrics().expect("a metrics export");
+    assert!(
+        ok,
+        "OTLP tanzhen.tcp.connects: established {:?} failed {:?}",
+        otlp_connects(&m, &name, "established"),
+        otlp_connects(&m, &name, "failed")
+    );
+    let duration = m
+        .resource_metrics
+        .iter()
+        .flat_map(|rm| &rm.scope_metrics)
+        .flat_map(|sm| &sm.metrics)
+        .find(|m| m.name == "tanzhen.tcp.connect.duration")
+        .expect("tanzhen.tcp.connect.duration");
+    assert_eq!(duration.unit, "s");
+    let Some(Data::Histogram(h)) = &duration.data else {
+        panic!("{duration:?}")
+    };
+    let p = h
+        .data_points
+        .iter()
+        .find(|p| str_attr(&p.attributes, "process.executable.name").as_deref() == Some(&name))
+        .expect("histogram point for our comm");
+    assert_eq!(p.count, 20);
+    assert_eq!(p.explicit_bounds.len(), 17, "the Prometheus buckets");
+    assert_eq!(p.bucket_counts.len(), 18);
+    assert_eq!(p.bucket_counts.iter().sum::<u64>(), 20);
+    assert_eq!(
+        scrape.sum(
+            "tanzhen_otlp_export_failures_total",
+            &[("signal", "traces")]
+        ),
+        0.0,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(scrape.sum("tanzhen_otlp_dropped_total", &[]), 0.0);
+}
+
+#[test]
+fn grpc_spans_and_metrics() {
+    spans_and_metrics(Proto::Grpc);
+}
+
+#[test]
+fn http_spans_and_metrics() {
+    spans_and_metrics(Proto::Http);
+}
+
+#[test]
+fn collector_down_then_up() {
+    let port = free_port();
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp",
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{port}"),
+        "--otlp-protocol",
+        "grpc",
+        "--otlp-interval",
+        "300ms",
+    ]);
+    let failures = |signal| {
+        agent
+            .scrape()
+            .sum("tanzhen_otlp_export_failures_total", &[("signal", signal)])
+    };
+    // Nobody listens: exports fail, the agent keeps serving.
+    let name = comm("tzod");
+    workload(&name, 3, 2);
+    assert!(
+        wait_until(Duration::from_secs(20), || failures("metrics") >= 2.0
+            && failures("traces") >= 1.0),
+        "export failures were not counted\n{}",
+        agent.log_text()
+    );
+    assert_eq!(http_get(agent.addr, "/healthz").unwrap().0, 200);
+
+    // The collector comes up on that port: the queued spans and fresh metrics arrive.
+    let rx = Receiver::start(Proto::Grpc, port);
+    let resumed = wait_until(Duration::from_secs(30), || {
+        spans_of(&rx, &name).len() >= 5
+            && rx
+                .last_metrics()
+                .is_some_and(|m| otlp_connects(&m, &name, "established") == Some(3))
+    });
+    assert!(
+        resumed,
+        "export did not resume: {} spans\n{}",
+        spans_of(&rx, &name).len(),
+        agent.log_text()
+    );
+    assert_eq!(spans_of(&rx, &name).len(), 5, "queued spans, each once");
+    let m = agent.scrape();
+    assert!(m.sum("tanzhen_otlp_exports_total", &[("signal", "metrics")]) >= 1.0);
+    assert!(m.sum("tanzhen_otlp_export_failures_total", &[]) >= 3.0);
+    assert_eq!(m.sum("tanzhen_otlp_dropped_total", &[]), 0.0);
+}
+
+#[test]
+fn bad_otlp_url_exits_2_with_one_line() {
+    for (url, needle) in [
+        ("nonsense url", "not a URL"),
+        ("https://collector:4318", "no TLS"),
+    ] {
+        let out = Command::new(tanzhen_bin())
+            .args(["run", "--probes", "tcp", "--otlp-endpoint", url])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{url}: {err}");
+        assert!(err.contains(needle), "{url}: {err}");
+    }
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// With the collector down, a connect storm fills the span queue to its bound (8192) and the
+/// rest is counted as dropped; memory stays bounded; once the collector is up, the queued spans
+/// arrive, each once. (The agent watches the whole host, so other processes' connects share
+/// the queue: the checks on our comm are bounds, not equalities.)
+#[test]
+fn span_queue_is_bounded_while_collector_is_down() {
+    const N: usize = 16_000;
+    const QUEUE: f64 = 8192.0;
+    let port = free_port();
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp",
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{port}"),
+        "--otlp-protocol",
+        "grpc",
+        "--otlp-interval",
+        "300ms",
+        "--trace-max-spans-per-second",
+        "1000000",
+    ]);
+    let rss_before = rss_kib(agent.pid());
+    let name = comm("tzos");
+    let failed = |m: &crate::Metrics| {
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", &name), ("outcome", "failed")],
+        )
+    };
+    // Chunks, each waited for, so the kernel ring buffer never overflows.
+    for chunk in 1..=N / 1000 {
+        workload(&name, 0, 1000);
+        let m = crate::wait_for(&agent, Duration::from_secs(20), |m| {
+            failed(m) >= (chunk * 1000) as f64
+        });
+        assert_eq!(failed(&m), (chunk * 1000) as f64, "{}", agent.log_text());
+    }
+    let dropped = |m: &crate::Metrics| m.sum("tanzhen_otlp_dropped_total", &[("signal", "traces")]);
+    let m = crate::wait_for(&agent, Duration::from_secs(20), |m| {
+        dropped(m) >= N as f64 - QUEUE
+    });
+    assert!(
+        dropped(&m) >= N as f64 - QUEUE,
+        "queue bound\n{}",
+        agent.log_text()
+    );
+    assert_eq!(m.sum("tanzhen_events_lost_total", &[]), 0.0);
+    let rss_after = rss_kib(agent.pid());
+    eprintln!(
+        "agent RSS {rss_before} KiB -> {rss_after} KiB with the span queue full, {} spans dropped",
+        dropped(&m)
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+
+    let rx = Receiver::start(Proto::Grpc, port);
+    // Every one of our connects was either delivered or counted as dropped.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            spans_of(&rx, &name).len() as f64 + dropped(&agent.scrape()) >= N as f64
+        }),
+        "{} spans arrived, {} dropped\n{}",
+        spans_of(&rx, &name).len(),
+        dropped(&agent.scrape()),
+        agent.log_text()
+    );
+    thread::sleep(Duration::from_millis(1000));
+    let spans = spans_of(&rx, &name);
+    assert!(spans.len() as f64 <= QUEUE, "{} > queue bound", spans.len());
+    let mut ids: Vec<&[u8]> = spans.iter().map(|s| s.span_id.as_slice()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), spans.len(), "a span arrived twice");
+}
+
+/// The standard OTEL_* variables configure the exporter: base URL, protocol, headers (sent,
+/// never logged), service name and resource attributes; NODE_NAME becomes k8s.node.name.
+#[test]
+fn otel_environment_is_honoured() {
+    let rx = Receiver::start(Proto::Http, 0);
+    let url = rx.url();
+    let agent = Agent::start_with_env(
+        &["--probes", "tcp", "--otlp-interval", "300ms"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &url),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "authorization=Bearer%20s3cr3t-token",
+            ),
+            ("OTEL_SERVICE_NAME", "tz-e2e"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=e2e,team=sre",
+            ),
+            ("NODE_NAME", "node-e2e"),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || rx.last_metrics().is_some()),
+        "{}",
+        agent.log_text()
+    );
+    let m = rx.last_metrics().unwrap();
+    let res = m.resource_metrics[0].resource.clone().unwrap().attributes;
+    assert_eq!(str_attr(&res, "service.name").as_deref(), Some("tz-e2e"));
+    assert_eq!(
+        str_attr(&res, "deployment.environment").as_deref(),
+        Some("e2e")
+    );
+    assert_eq!(str_attr(&res, "team").as_deref(), Some("sre"));
+    assert_eq!(str_attr(&res, "k8s.node.name").as_deref(), Some("node-e2e"));
+    assert_eq!(str_attr(&res, "os.type").as_deref(), Some("linux"));
+    assert_eq!(
+        rx.got.lock().unwrap().auth.first().map(String::as_str),
+        Some("Bearer s3cr3t-token")
+    );
+    assert!(
+        !agent.log_text().contains("s3cr3t"),
+        "a header value reached the log"
+    );
+}
+
+/// A cgroup whose path names a container (`docker/<id>` in the v1 pids hierarchy, or a
+/// `docker-<id>.scope` under the v2 root), removed when dropped.
+struct FakeContainer {
+    dir: std::path::PathBuf,
+    id: String,
+}
+
+impl FakeContainer {
+    fn create() -> Self {
+        let id = format!("{:016x}", u64::from(std::process::id()) * 0x9e37_79b9).repeat(4);
+        let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+        let dir = if v1.is_dir() {
+            v1.join("docker").join(&id)
+        } else {
+            std::path::Path::new("/sys/fs/cgroup").join(format!("docker-{id}.scope"))
+        };
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Self { dir, id }
+    }
+}
+
+impl Drop for FakeContainer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        if self.dir.parent().is_some_and(|p| p.ends_with("docker")) {
+            let _ = std::fs::remove_dir(self.dir.parent().unwrap());
+        }
+    }
+}
+
+/// A process in a container's cgroup gets `container.id` on its spans.
+#[test]
+fn spans_carry_the_container_id() {
+    let rx = Receiver::start(Proto::Http, 0);
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp",
+        "--otlp-endpoint",
+        &rx.url(),
+        "--otlp-interval",
+        "300ms",
+    ]);
+    let c = FakeContainer::create();
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    // The shell joins the cgroup, connects (bash's /dev/tcp), then waits for stdin to close so
+    // it is still alive when the agent reads /proc/<pid>/cgroup.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec 3<>/dev/tcp/127.0.0.1/{port} && read -r _",
+        c.dir.display()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("bash");
+    let pid = i64::from(child.id());
+    let of_child = || {
+        rx.spans()
+            .into_iter()
+            .filter(|s| int_attr(&s.attributes, "process.pid") == Some(pid))
+            .collect::<Vec<_>>()
+    };
+    let arrived = wait_until(Duration::from_secs(20), || !of_child().is_empty());
+    drop(child.stdin.take());
+    let _ = child.wait();
+    drop(l);
+    assert!(arrived, "no span from the shell\n{}", agent.log_text());
+    let spans = of_child();
+    assert_eq!(spans.len(), 1);
+    assert_eq!(
+        str_attr(&spans[0].attributes, "container.id").as_deref(),
+        Some(c.id.as_str())
+    );
+}
+
+/// A collector that accepts connections and never answers: `/metrics` keeps being served and
+/// SIGTERM still stops the agent cleanly (the pending exports are abandoned for a bounded
+/// final flush).
+#[test]
+fn hung_collector_does_not_block_serving_or_shutdown() {
+    let hole = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    thread::spawn(move || {
+        for s in hole.incoming().flatten() {
+            h.lock().unwrap().push(s);
+        }
+    });
+    for proto in [Proto::Http, Proto::Grpc] {
+        let mut agent = Agent::start(&[
+            "--probes",
+            "tcp",
+            "--otlp-endpoint",
+            &format!("http://127.0.0.1:{port}"),
+            "--otlp-protocol",
+            proto.flag(),
+            "--otlp-interval",
+            "200ms",
+        ]);
+        workload(&comm("tzoy"), 2, 1);
+        // Exports are now stuck waiting for an answer; the endpoint still serves.
+        assert!(wait_until(Duration::from_secs(20), || !held
+            .lock()
+            .unwrap()
+            .is_empty()));
+        thread::sleep(Duration::from_millis(500));
+        assert_eq!(http_get(agent.addr, "/healthz").unwrap().0, 200);
+        assert!(
+            agent
+                .scrape()
+                .0
+                .contains("tanzhen_otlp_export_failures_total")
+        );
+        assert_eq!(agent.stop(), Some(0), "{proto:?}\n{}", agent.log_text());
+    }
+}
+
+/// OTLP alone: `--listen none` serves no HTTP endpoint and still exports everything; without an
+/// OTLP endpoint it is a usage error.
+#[test]
+fn otlp_without_prometheus_endpoint() {
+    crate::require_root();
+    let rx = Receiver::start(Proto::Grpc, 0);
+    let log =
+        std::env::temp_dir().join(format!("tanzhen-e2e-otlp-only-{}.log", std::process::id()));
+    let mut child = Command::new(tanzhen_bin())
+        .args([
+            "run",
+            "--probes",
+            "tcp",
+            "--listen",
+            "none",
+            "--log-level",
+            "debug",
+            "--otlp-protocol",
+            "grpc",
+            "--otlp-interval",
+            "300ms",
+            "--otlp-endpoint",
+            &rx.url(),
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Attached once the probe reports up over OTLP.
+    let up = wait_until(Duration::from_secs(60), || {
+        rx.last_metrics().is_some_and(|m| {
+            m.resource_metrics
+                .iter()
+                .flat_map(|rm| &rm.scope_metrics)
+                .flat_map(|sm| &sm.metrics)
+                .any(|m| m.name == "tanzhen.probe.up")
+        })
+    });
+    assert!(up, "no metrics export\n{}", log_text());
+    let name = comm("tzon");
+    workload(&name, 3, 1);
+    let ok = wait_until(Duration::from_secs(20), || {
+        spans_of(&rx, &name).len() >= 4
+            && rx.last_metrics().is_some_and(|m| {
+                otlp_connects(&m, &name, "established") == Some(3)
+                    && otlp_connects(&m, &name, "failed") == Some(1)
+            })
+    });
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let text = log_text();
+    let _ = std::fs::remove_file(&log);
+    assert!(ok, "{} spans\n{text}", spans_of(&rx, &name).len());
+    assert_eq!(spans_of(&rx, &name).len(), 4);
+    assert!(text.contains("no HTTP endpoint"), "{text}");
+    assert_eq!(status.code(), Some(0), "{text}");
+
+    let out = Command::new(tanzhen_bin())
+        .args(["run", "--probes", "tcp", "--listen", "none"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("nothing to export"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
