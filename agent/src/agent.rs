@@ -13,6 +13,7 @@ use crate::{
     kernel, loader,
     probe::{
         ProbeError, ProbeKind,
+        sched::SchedProbe,
         tcp::{LossCounters, TcpProbe},
     },
     server,
@@ -125,7 +126,17 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
                 .map(|p| {
                     tasks.spawn(p.run(stop_rx.clone()));
                 }),
-            ProbeKind::Syscalls | ProbeKind::Sched => Err(ProbeError::Unsupported {
+            ProbeKind::Sched => SchedProbe::attach(
+                &mut ebpf,
+                &tracefs.path,
+                &snapshot,
+                loss.clone(),
+                args.interval,
+            )
+            .map(|p| {
+                tasks.spawn(p.run(stop_rx.clone()));
+            }),
+            ProbeKind::Syscalls => Err(ProbeError::Unsupported {
                 probe: kind.name(),
                 reason: "not built into this version".into(),
             }),

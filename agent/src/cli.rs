@@ -1,6 +1,6 @@
 //! Command-line interface (clap derive; the doc comments are the help text).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// Address for the HTTP endpoint serving /metrics and /healthz, as IP:PORT.
     #[arg(long, env = "TANZHEN_LISTEN", default_value = "0.0.0.0:9527", value_parser = parse_listen)]
     pub listen: SocketAddr,
+
+    /// How often in-kernel aggregates (run-queue histograms, context switch counts) are drained
+    /// into the metrics: `5s`, `500ms`, `1m`, or plain seconds.
+    #[arg(long, env = "TANZHEN_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub interval: Duration,
 
     /// Log verbosity.
     #[arg(long, env = "TANZHEN_LOG_LEVEL", default_value = "info", value_enum)]
@@ -90,6 +95,28 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
             "`{s}` is not an IP:PORT address; use e.g. 0.0.0.0:9527, 127.0.0.1:9527 or [::]:9527"
         )
     })
+}
+
+/// Parses `--interval`: a number with an optional unit (`ms`, `s`, `m`), between 100ms and 1h.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let bad =
+        || format!("`{s}` is not an interval; use e.g. 5s, 500ms or 1m (between 100ms and 1h)");
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => n,
+        "ms" => n / 1e3,
+        "m" | "min" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 impl Cli {
@@ -144,7 +171,8 @@ mod tests {
     #[test]
     fn defaults() {
         let r = run_args(&[]).unwrap();
-        assert_eq!(*r.probes, [ProbeKind::Tcp]);
+        assert_eq!(*r.probes, [ProbeKind::Tcp, ProbeKind::Sched]);
+        assert_eq!(r.interval, Duration::from_secs(5));
         assert_eq!(r.listen, "0.0.0.0:9527".parse().unwrap());
     }
 
@@ -161,7 +189,7 @@ mod tests {
 
     #[test]
     fn unbuilt_probe_is_rejected() {
-        let e = run_args(&["--probes", "sched"]).unwrap_err();
+        let e = run_args(&["--probes", "syscalls"]).unwrap_err();
         assert!(one_line(&e).contains("not built"), "{}", one_line(&e));
     }
 
@@ -179,6 +207,28 @@ mod tests {
             run_args(&["--listen", "[::1]:9"]).unwrap().listen,
             "[::1]:9".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn intervals() {
+        for (s, d) in [
+            ("5s", Duration::from_secs(5)),
+            ("5", Duration::from_secs(5)),
+            ("500ms", Duration::from_millis(500)),
+            ("1m", Duration::from_secs(60)),
+            ("1.5s", Duration::from_millis(1500)),
+        ] {
+            assert_eq!(run_args(&["--interval", s]).unwrap().interval, d, "{s}");
+        }
+        for bad in ["", "s", "5x", "0s", "10ms", "2h", "1..5s"] {
+            let e = run_args(&["--interval", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(
+                one_line(&e).contains("is not an interval"),
+                "{bad}: {}",
+                one_line(&e)
+            );
+        }
     }
 
     #[test]

@@ -34,7 +34,8 @@ fn bad_input_exits_2_with_one_line() {
         &["run", "--probes", "tcp,bogus"],
         "unknown probe `bogus`; available probes: tcp",
     );
-    assert_usage_error(&["run", "--probes", "sched"], "not built");
+    assert_usage_error(&["run", "--probes", "syscalls"], "not built");
+    assert_usage_error(&["run", "--interval", "soon"], "is not an interval");
     assert_usage_error(
         &["run", "--listen", "nonsense"],
         "is not an IP:PORT address",
