@@ -101,7 +101,7 @@ async fn run_async(args: &RunArgs, listener: std::net::TcpListener) -> Result<()
     let loss = LossCounters {
         events_lost: snapshot.counter(Desc {
             name: "tanzhen_events_lost",
-            help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error).",
+            help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error; recursion: runs the kernel skipped because another BPF program was active on the CPU).",
             labels: &["probe", "reason"],
         }),
         decode_errors: snapshot.counter(Desc {

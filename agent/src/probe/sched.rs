@@ -12,6 +12,7 @@
 
 use std::{
     collections::HashMap as StdHashMap,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::Path,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -26,7 +27,7 @@ use agent_common::sched::{
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
-    programs::TracePoint,
+    programs::{ProgramFd, TracePoint},
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -68,6 +69,53 @@ const LOST_REASONS: [&str; SCHED_LOST_REASONS as usize] = {
     r[SCHED_LOST_READ_ERROR as usize] = "read_error";
     r
 };
+
+/// Label value of the kernel's own count of skipped runs: a tracepoint fired while another BPF
+/// program was running on that CPU (e.g. an IPI that wakes a task arriving during a syscall
+/// program), so the kernel did not run ours (`recursion_misses`, kernels >= 5.12).
+const LOST_RECURSION: &str = "recursion";
+
+/// `recursion_misses` of a loaded program (`BPF_OBJ_GET_INFO_BY_FD`); None when the kernel does
+/// not report it. aya 0.14's `ProgramInfo` does not expose the field.
+#[must_use]
+pub fn recursion_misses(prog: BorrowedFd<'_>) -> Option<u64> {
+    /// Offset of `recursion_misses` in `struct bpf_prog_info` (include/uapi/linux/bpf.h).
+    const OFFSET: usize = 208;
+    #[repr(C, align(8))]
+    struct Info([u8; 256]);
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = Info([0; 256]);
+    let mut attr = [0u8; 128];
+    let req = GetInfo {
+        bpf_fd: u32::try_from(prog.as_raw_fd()).ok()?,
+        info_len: 256,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: GetInfo is 16 bytes of plain data and attr is larger.
+    unsafe { std::ptr::copy_nonoverlapping((&raw const req).cast::<u8>(), attr.as_mut_ptr(), 16) };
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD (15) writes at most info_len bytes into `info` and the
+    // granted length back into attr; both buffers outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            15,
+            attr.as_mut_ptr(),
+            u32::try_from(attr.len()).ok()?,
+        )
+    };
+    let granted = u32::from_ne_bytes(attr[4..8].try_into().ok()?) as usize;
+    if rc != 0 || granted < OFFSET + 8 {
+        return None;
+    }
+    Some(u64::from_ne_bytes(
+        info.0[OFFSET..OFFSET + 8].try_into().ok()?,
+    ))
+}
 
 /// The parsed `format` files of the five tracepoints.
 #[derive(Clone, Debug)]
@@ -304,6 +352,8 @@ pub struct SchedProbe {
     hist: HashMap<MapData, RunqKey, RunqHist>,
     ring: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
+    /// The programs, for their `recursion_misses` (kept open after Ebpf detaches them).
+    progs: Vec<ProgramFd>,
     metrics: SchedMetrics,
     cache: Arc<ProcessCache>,
     loss: LossCounters,
@@ -332,6 +382,7 @@ impl SchedProbe {
         log::debug!("sched tracepoint layout: {cfg:?}");
         let mut cfg_map: Array<MapData, SchedConfig> = take(ebpf, SCHED_CONFIG)?;
         cfg_map.set(0, cfg, 0)?;
+        let mut progs = Vec::with_capacity(HOOKS.len());
         for name in HOOKS {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -339,6 +390,7 @@ impl SchedProbe {
                 .try_into()?;
             prog.load()?;
             prog.attach("sched", name)?;
+            progs.push(prog.fd()?.try_clone()?);
         }
         Ok(Self {
             cfg,
@@ -347,6 +399,7 @@ impl SchedProbe {
             hist: take(ebpf, SCHED_RUNQ_HIST)?,
             ring: take(ebpf, SCHED_EVENTS)?,
             lost: take(ebpf, SCHED_LOST)?,
+            progs,
             metrics: SchedMetrics::register(snapshot),
             cache: Arc::default(),
             loss,
@@ -364,6 +417,7 @@ impl SchedProbe {
             mut hist,
             ring,
             lost,
+            progs,
             metrics,
             cache,
             loss,
@@ -391,14 +445,14 @@ impl SchedProbe {
                     }
                     tokio::time::sleep(EPOCH_GRACE).await;
                     drain_maps(&mut switches, &mut hist, &metrics, Some(cfg.epoch));
-                    read_lost(&lost, &loss);
+                    read_lost(&lost, &progs, &loss);
                 }
                 _ = stop.changed() => break,
             }
         }
         drain_events(fd.get_mut(), &metrics, &cache, &loss);
         drain_maps(&mut switches, &mut hist, &metrics, None);
-        read_lost(&lost, &loss);
+        read_lost(&lost, &progs, &loss);
         Ok(())
     }
 }
@@ -487,7 +541,11 @@ fn drain_maps(
     }
 }
 
-fn read_lost(lost: &PerCpuArray<MapData, u64>, loss: &LossCounters) {
+fn read_lost(lost: &PerCpuArray<MapData, u64>, progs: &[ProgramFd], loss: &LossCounters) {
+    let misses: Option<u64> = progs.iter().map(|p| recursion_misses(p.as_fd())).sum();
+    if let Some(m) = misses {
+        loss.events_lost.set_total(&[PROBE, LOST_RECURSION], m);
+    }
     for (i, reason) in LOST_REASONS.iter().enumerate() {
         #[expect(clippy::cast_possible_truncation, reason = "i < SCHED_LOST_REASONS")]
         match lost.get(&(i as u32), 0) {
