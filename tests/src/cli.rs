@@ -73,6 +73,9 @@ fn probes_lists_hooks_and_kernels() {
         "min kernel:  4.16",
         "syscalls",
         "sched",
+        "tracepoint sched:sched_switch",
+        "tracepoint sched:sched_process_exec",
+        "tanzhen_sched_context_switches_total{comm,kind}",
     ] {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
     }
@@ -88,4 +91,5 @@ fn check_reports_this_kernel() {
     assert!(out.contains(release.trim()), "{out}");
     assert!(out.contains("BPF ring buffer    supported"), "{out}");
     assert!(out.contains("probe tcp          ok"), "{out}");
+    assert!(out.contains("probe sched        ok"), "{out}");
 }
