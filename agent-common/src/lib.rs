@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod hist;
+pub mod sched;
 pub mod tcp;
 
 /// Size of the kernel's `TASK_COMM_LEN`: a task name plus its NUL.

@@ -6,7 +6,15 @@
 //! (`bpf_probe_read`, not `bpf_probe_read_kernel`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `atomic_xadd`: the bpf target has no atomic CAS, so core::sync::atomic has no fetch_add.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "atomic_xadd, see sched.rs")
+)]
 
+#[cfg(target_arch = "bpf")]
+mod sched;
 #[cfg(target_arch = "bpf")]
 mod tcp;
 

@@ -14,6 +14,7 @@ use crate::{
     kernel, loader,
     probe::{
         ProbeError, ProbeKind,
+        sched::SchedProbe,
         tcp::{ConnectSink, LossCounters, TcpProbe},
     },
     server,
@@ -132,7 +133,7 @@ async fn run_async(
     let loss = LossCounters {
         events_lost: snapshot.counter(Desc {
             name: "tanzhen_events_lost",
-            help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error).",
+            help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error; recursion: runs the kernel skipped because another BPF program was active on the CPU).",
             labels: &["probe", "reason"],
         }),
         decode_errors: snapshot.counter(Desc {
@@ -173,7 +174,17 @@ async fn run_async(
             .map(|p| {
                 tasks.spawn(p.run(stop_rx.clone()));
             }),
-            ProbeKind::Syscalls | ProbeKind::Sched => Err(ProbeError::Unsupported {
+            ProbeKind::Sched => SchedProbe::attach(
+                &mut ebpf,
+                &tracefs.path,
+                &snapshot,
+                loss.clone(),
+                args.interval,
+            )
+            .map(|p| {
+                tasks.spawn(p.run(stop_rx.clone()));
+            }),
+            ProbeKind::Syscalls => Err(ProbeError::Unsupported {
                 probe: kind.name(),
                 reason: "not built into this version".into(),
             }),

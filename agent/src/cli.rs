@@ -49,6 +49,11 @@ pub struct RunArgs {
     #[command(flatten)]
     pub otlp: crate::export::otlp::OtlpArgs,
 
+    /// How often in-kernel aggregates (run-queue histograms, context switch counts) are drained
+    /// into the metrics: `5s`, `500ms`, `1m`, or plain seconds.
+    #[arg(long, env = "TANZHEN_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub interval: Duration,
+
     /// Log verbosity.
     #[arg(long, env = "TANZHEN_LOG_LEVEL", default_value = "info", value_enum)]
     pub log_level: LogLevel,
@@ -135,6 +140,31 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     })
 }
 
+/// Parses a duration (see [`parse_duration`]) that must lie within `min..=max`; any failure
+/// reads "`s` is not `what`; use e.g. `examples` (between `min` and `max`)".
+pub fn duration_within(
+    s: &str,
+    (min, max): (Duration, Duration),
+    what: &str,
+    examples: &str,
+) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not {what}; use e.g. {examples} (between {min:?} and {max:?})");
+    parse_duration(s)
+        .ok()
+        .filter(|d| (min..=max).contains(d))
+        .ok_or_else(bad)
+}
+
+/// Parses `--interval`: between 100ms and 1h.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    duration_within(
+        s,
+        (Duration::from_millis(100), Duration::from_secs(3600)),
+        "an interval",
+        "5s, 500ms or 1m",
+    )
+}
+
 impl Cli {
     /// Parses the process arguments. Errors about a value print as one line and exit with
     /// code 2; help and version print as usual.
@@ -187,7 +217,8 @@ mod tests {
     #[test]
     fn defaults() {
         let r = run_args(&[]).unwrap();
-        assert_eq!(*r.probes, [ProbeKind::Tcp]);
+        assert_eq!(*r.probes, [ProbeKind::Tcp, ProbeKind::Sched]);
+        assert_eq!(r.interval, Duration::from_secs(5));
         assert_eq!(r.listen, Listen(Some("0.0.0.0:9527".parse().unwrap())));
     }
 
@@ -204,7 +235,7 @@ mod tests {
 
     #[test]
     fn unbuilt_probe_is_rejected() {
-        let e = run_args(&["--probes", "sched"]).unwrap_err();
+        let e = run_args(&["--probes", "syscalls"]).unwrap_err();
         assert!(one_line(&e).contains("not built"), "{}", one_line(&e));
     }
 
@@ -246,6 +277,28 @@ mod tests {
         let r = run_args(&["--series-ttl", "0", "--max-series-per-metric", "5"]).unwrap();
         assert_eq!((r.series_ttl, r.max_series_per_metric), (Duration::ZERO, 5));
         assert!(run_args(&["--max-series-per-metric", "0"]).is_err());
+    }
+
+    #[test]
+    fn intervals() {
+        for (s, d) in [
+            ("5s", Duration::from_secs(5)),
+            ("5", Duration::from_secs(5)),
+            ("500ms", Duration::from_millis(500)),
+            ("1m", Duration::from_secs(60)),
+            ("1.5s", Duration::from_millis(1500)),
+        ] {
+            assert_eq!(run_args(&["--interval", s]).unwrap().interval, d, "{s}");
+        }
+        for bad in ["", "s", "5x", "0s", "10ms", "2h", "1..5s"] {
+            let e = run_args(&["--interval", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(
+                one_line(&e).contains("is not an interval"),
+                "{bad}: {}",
+                one_line(&e)
+            );
+        }
     }
 
     #[test]

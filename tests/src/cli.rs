@@ -34,7 +34,8 @@ fn bad_input_exits_2_with_one_line() {
         &["run", "--probes", "tcp,bogus"],
         "unknown probe `bogus`; available probes: tcp",
     );
-    assert_usage_error(&["run", "--probes", "sched"], "not built");
+    assert_usage_error(&["run", "--probes", "syscalls"], "not built");
+    assert_usage_error(&["run", "--interval", "soon"], "is not an interval");
     assert_usage_error(
         &["run", "--listen", "nonsense"],
         "is not an IP:PORT address",
@@ -72,6 +73,9 @@ fn probes_lists_hooks_and_kernels() {
         "min kernel:  4.16",
         "syscalls",
         "sched",
+        "tracepoint sched:sched_switch",
+        "tracepoint sched:sched_process_exec",
+        "tanzhen_sched_context_switches_total{comm,kind}",
     ] {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
     }
@@ -87,4 +91,5 @@ fn check_reports_this_kernel() {
     assert!(out.contains(release.trim()), "{out}");
     assert!(out.contains("BPF ring buffer    supported"), "{out}");
     assert!(out.contains("probe tcp          ok"), "{out}");
+    assert!(out.contains("probe sched        ok"), "{out}");
 }

@@ -2,6 +2,7 @@
 //! build ships it. `tanzhen probes`, `tanzhen check` and `--probes` all read it.
 
 pub mod listeners;
+pub mod sched;
 pub mod tcp;
 
 use std::fmt;
@@ -112,8 +113,10 @@ pub const PROBES: &[ProbeInfo] = &[
         name: "sched",
         summary: "run-queue latency, context switches and process lifecycle",
         metrics: &[
-            "tanzhen_sched_runqueue_latency_seconds",
+            "tanzhen_sched_runqueue_latency_seconds{comm}",
             "tanzhen_sched_context_switches_total{comm,kind}",
+            "tanzhen_process_execs_total{comm}",
+            "tanzhen_process_exits_total{comm}",
         ],
         hooks: &[
             Hook::Tracepoint {
@@ -128,9 +131,17 @@ pub const PROBES: &[ProbeInfo] = &[
                 category: "sched",
                 name: "sched_switch",
             },
+            Hook::Tracepoint {
+                category: "sched",
+                name: "sched_process_exec",
+            },
+            Hook::Tracepoint {
+                category: "sched",
+                name: "sched_process_exit",
+            },
         ],
         min_kernel: (4, 19),
-        built: false,
+        built: true,
     },
 ];
 
@@ -248,7 +259,14 @@ mod tests {
     fn parses_lists_and_all() {
         assert_eq!(parse_list("tcp").unwrap().0, vec![ProbeKind::Tcp]);
         assert_eq!(parse_list("tcp, tcp").unwrap().0, vec![ProbeKind::Tcp]);
-        assert_eq!(parse_list("all").unwrap().0, vec![ProbeKind::Tcp]);
+        assert_eq!(
+            parse_list("all").unwrap().0,
+            vec![ProbeKind::Tcp, ProbeKind::Sched]
+        );
+        assert_eq!(
+            parse_list("sched,tcp").unwrap().0,
+            vec![ProbeKind::Tcp, ProbeKind::Sched]
+        );
     }
 
     #[test]

@@ -57,25 +57,14 @@ pub struct OtlpArgs {
     pub trace_max_spans_per_second: u32,
 }
 
-/// Parses `10s`, `500ms`, `2m` or a plain number of seconds.
+/// Parses `--otlp-interval`: `10s`, `500ms`, `2m` or a plain number of seconds, 10ms to 24h.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}` is not a duration; use e.g. 10s, 500ms or 1m");
-    let t = s.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t, 1.0)
-    };
-    let v: f64 = num.trim().parse().map_err(|_| bad())?;
-    let secs = v * scale;
-    if !(0.01..=86_400.0).contains(&secs) {
-        return Err(format!("`{s}` is out of range; use 10ms to 24h"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    crate::cli::duration_within(
+        s,
+        (Duration::from_millis(10), Duration::from_secs(86_400)),
+        "a duration",
+        "10s, 500ms or 1m",
+    )
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {

@@ -304,7 +304,10 @@ mod tests {
         h.observe(&[], 5.0);
         let req = metrics_request(&s, &Resource::default(), 1, 2);
         let all = &req.resource_metrics[0].scope_metrics[0].metrics;
-        assert_eq!(all[0].name, "tanzhen.series.folded", "the snapshot's own family comes first");
+        assert_eq!(
+            all[0].name, "tanzhen.series.folded",
+            "the snapshot's own family comes first"
+        );
         let m = &all[1..];
         assert_eq!(m.len(), 2, "empty families are left out");
         assert_eq!(m[0].name, "tanzhen.tcp.connects");

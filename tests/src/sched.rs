@@ -1,0 +1,329 @@
+//! Scheduler probe end to end. Ground truth is the kernel's own per-thread counters
+//! (`voluntary_ctxt_switches` / `nonvoluntary_ctxt_switches` in /proc/self/task/<tid>/status):
+//! workload threads take a distinctive comm only between their "before" and "after" reads, so
+//! the agent's per-comm counts cover exactly the window the kernel's counters do.
+
+use std::{
+    io::{Read as _, Write as _},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{Agent, Metrics, wait_for};
+
+/// A task name (at most 15 bytes) unique to this test process.
+fn comm(prefix: &str) -> String {
+    let mut s = format!("{prefix}{}", std::process::id());
+    s.truncate(15);
+    s
+}
+
+/// Sets the calling thread's comm (prctl PR_SET_NAME).
+fn set_comm(name: &str) {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr(), 0, 0, 0) };
+    assert_eq!(rc, 0, "prctl(PR_SET_NAME)");
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+        assert_eq!(rc, 0, "sched_setaffinity to CPU {cpu}");
+    }
+}
+
+fn require_cpus(n: usize) {
+    let have = thread::available_parallelism().map_or(1, usize::from);
+    assert!(
+        have >= n,
+        "this test pins threads to {n} CPUs; the machine has {have}"
+    );
+}
+
+/// The kernel's (voluntary, involuntary) switch counts of the calling thread.
+fn my_switches() -> (u64, u64) {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /proc/self/task/{tid}/status"))
+    };
+    (
+        field("voluntary_ctxt_switches:"),
+        field("nonvoluntary_ctxt_switches:"),
+    )
+}
+
+/// Runs `work` in a thread (pinned to `cpu` if given) that carries `name` only while the kernel's counters
+/// are being bracketed; returns the kernel's (voluntary, involuntary) deltas for that window.
+fn bracketed(
+    name: String,
+    cpu: Option<usize>,
+    start: Arc<Barrier>,
+    work: impl FnOnce() + Send + 'static,
+) -> thread::JoinHandle<(u64, u64)> {
+    thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            pin(cpu);
+        }
+        set_comm(&name);
+        let before = my_switches();
+        start.wait();
+        work();
+        let after = my_switches();
+        set_comm("tz-done");
+        (after.0 - before.0, after.1 - before.1)
+    })
+}
+
+fn switches(m: &Metrics, comm: &str, kind: &str) -> f64 {
+    m.sum(
+        "tanzhen_sched_context_switches_total",
+        &[("comm", comm), ("kind", kind)],
+    )
+}
+
+/// Drops the agent's own code is responsible for (map or ring buffer full, unreadable fields).
+fn dropped(m: &Metrics) -> f64 {
+    ["map_full", "ringbuf_full", "read_error"]
+        .iter()
+        .map(|r| {
+            m.sum(
+                "tanzhen_events_lost_total",
+                &[("probe", "sched"), ("reason", r)],
+            )
+        })
+        .sum()
+}
+
+/// Runs of our programs the kernel skipped (another BPF program was active on that CPU).
+fn recursion(m: &Metrics) -> f64 {
+    m.sum(
+        "tanzhen_events_lost_total",
+        &[("probe", "sched"), ("reason", "recursion")],
+    )
+}
+
+fn runq_count(m: &Metrics, comm: &str) -> f64 {
+    m.sum(
+        "tanzhen_sched_runqueue_latency_seconds_count",
+        &[("comm", comm)],
+    )
+}
+
+/// Asserts `got` is within 1% of `want` (at least 2 switches, for tiny counts).
+fn assert_close(got: f64, want: u64, what: &str, scrape: &Metrics) {
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let want = want as f64;
+    let tol = (want * 0.01).max(2.0);
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: agent {got}, kernel {want} (tolerance {tol})\n{}",
+        scrape.0
+    );
+}
+
+/// Waits until the agent's counts reach the kernel's, then two more drain intervals so that
+/// any extra count would show too.
+fn settle(agent: &Agent, cond: impl Fn(&Metrics) -> bool) -> Metrics {
+    wait_for(agent, Duration::from_secs(20), cond);
+    thread::sleep(Duration::from_millis(2_500));
+    agent.scrape()
+}
+
+#[test]
+fn pinned_ping_pong_matches_the_kernels_switch_counters() {
+    require_cpus(2);
+    ping_pong("tzpp", [Some(0), Some(1)]);
+}
+
+/// Unpinned, the woken thread often preempts the writer: many switches are involuntary.
+#[test]
+fn unpinned_ping_pong_matches_the_kernels_switch_counters() {
+    ping_pong("tzpu", [None, None]);
+}
+
+/// Two threads named `prefix<pid>` ping-pong a byte 20,000 times through two pipes; the
+/// agent's switch counts for that comm must match the kernel's counters of the two threads.
+fn ping_pong(prefix: &str, cpus: [Option<usize>; 2]) {
+    const ROUND_TRIPS: usize = 20_000;
+    let agent = Agent::start(&["--probes", "sched", "--interval", "1s"]);
+    let name = comm(prefix);
+    let before = agent.scrape();
+
+    let (mut a_rx, mut b_tx) = std::io::pipe().unwrap();
+    let (mut b_rx, mut a_tx) = std::io::pipe().unwrap();
+    let start = Arc::new(Barrier::new(2));
+    let a = bracketed(name.clone(), cpus[0], start.clone(), move || {
+        let mut buf = [0u8; 1];
+        for _ in 0..ROUND_TRIPS {
+            a_tx.write_all(b"p").unwrap();
+            a_rx.read_exact(&mut buf).unwrap();
+        }
+    });
+    let b = bracketed(name.clone(), cpus[1], start, move || {
+        let mut buf = [0u8; 1];
+        for _ in 0..ROUND_TRIPS {
+            b_rx.read_exact(&mut buf).unwrap();
+            b_tx.write_all(b"q").unwrap();
+        }
+    });
+    let (va, ia) = a.join().unwrap();
+    let (vb, ib) = b.join().unwrap();
+    let (vol, invol) = (va + vb, ia + ib);
+    assert!(
+        vol + invol > ROUND_TRIPS as u64,
+        "a ping-pong switches at least once per round trip: {vol} + {invol}"
+    );
+
+    let delta = |m: &Metrics, kind| switches(m, &name, kind) - switches(&before, &name, kind);
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let after = settle(&agent, |m| {
+        delta(m, "voluntary") >= vol as f64 * 0.99 && delta(m, "involuntary") >= invol as f64 * 0.99
+    });
+    eprintln!(
+        "{cpus:?}: kernel {vol} voluntary + {invol} involuntary; agent {} + {}; run-queue samples {}; runs skipped by the kernel {}",
+        delta(&after, "voluntary"),
+        delta(&after, "involuntary"),
+        runq_count(&after, &name) - runq_count(&before, &name),
+        recursion(&after) - recursion(&before)
+    );
+    assert_close(
+        delta(&after, "voluntary"),
+        vol,
+        "voluntary switches",
+        &after,
+    );
+    assert_close(
+        delta(&after, "involuntary"),
+        invol,
+        "involuntary switches",
+        &after,
+    );
+
+    // Every voluntary switch-out is a sleep that ends in a wakeup and a switch-in: one sample,
+    // unless the kernel skipped our wakeup program because another BPF program was running on
+    // that CPU (an IPI wakeup during someone's syscall program); it reports those skips, and so
+    // does the agent (reason="recursion").
+    let samples = runq_count(&after, &name) - runq_count(&before, &name);
+    let skipped = recursion(&after) - recursion(&before);
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let wakeups = vol as f64;
+    assert!(
+        samples + skipped >= wakeups - 2.0,
+        "run-queue samples {samples} (+{skipped} skipped by the kernel) < wake-ups {wakeups}\n{}",
+        after.0
+    );
+    let inf = after.sum(
+        "tanzhen_sched_runqueue_latency_seconds_bucket",
+        &[("comm", &name), ("le", "+Inf")],
+    );
+    assert_eq!(
+        inf,
+        runq_count(&after, &name),
+        "+Inf bucket equals the count"
+    );
+    let sum = after.sum(
+        "tanzhen_sched_runqueue_latency_seconds_sum",
+        &[("comm", &name)],
+    );
+    assert!(sum > 0.0, "run-queue latency sum {sum}");
+    assert_eq!(dropped(&after), 0.0, "{}", after.0);
+    assert_eq!(after.sum("tanzhen_probe_up", &[("probe", "sched")]), 1.0);
+}
+
+#[test]
+fn busy_threads_sharing_a_cpu_are_preempted() {
+    require_cpus(2);
+    let agent = Agent::start(&["--probes", "sched", "--interval", "1s"]);
+    let name = comm("tzbusy");
+    let before = agent.scrape();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(3));
+    let spin = |stop: Arc<AtomicBool>| {
+        move || {
+            let mut x = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+    };
+    let t1 = bracketed(name.clone(), Some(1), start.clone(), spin(stop.clone()));
+    let t2 = bracketed(name.clone(), Some(1), start.clone(), spin(stop.clone()));
+    start.wait();
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_millis(1_500));
+    stop.store(true, Ordering::Relaxed);
+    let (v1, i1) = t1.join().unwrap();
+    let (v2, i2) = t2.join().unwrap();
+    let (vol, invol) = (v1 + v2, i1 + i2);
+    let spun = t0.elapsed();
+    assert!(
+        invol > 0,
+        "two busy threads on one CPU were never preempted"
+    );
+
+    let delta = |m: &Metrics, kind| switches(m, &name, kind) - switches(&before, &name, kind);
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let after = settle(&agent, |m| delta(m, "involuntary") >= invol as f64 * 0.99);
+    eprintln!(
+        "busy {spun:?}: kernel {vol} voluntary + {invol} involuntary; agent {} + {}",
+        delta(&after, "voluntary"),
+        delta(&after, "involuntary")
+    );
+    assert!(delta(&after, "involuntary") > 0.0, "{}", after.0);
+    assert_close(
+        delta(&after, "involuntary"),
+        invol,
+        "involuntary switches",
+        &after,
+    );
+    assert_close(
+        delta(&after, "voluntary"),
+        vol,
+        "voluntary switches",
+        &after,
+    );
+}
+
+#[test]
+fn execs_and_exits_are_counted_exactly() {
+    const N: usize = 25;
+    let agent = Agent::start(&["--probes", "sched", "--interval", "1s"]);
+    let name = comm("tzx");
+    let dir = std::env::temp_dir().join(format!("tanzhen-e2e-exec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join(&name);
+    std::fs::copy("/bin/true", &exe).expect("copy /bin/true");
+
+    for _ in 0..N {
+        let st = std::process::Command::new(&exe).status().unwrap();
+        assert!(st.success());
+    }
+    let execs = |m: &Metrics| m.sum("tanzhen_process_execs_total", &[("comm", &name)]);
+    let exits = |m: &Metrics| m.sum("tanzhen_process_exits_total", &[("comm", &name)]);
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let n = N as f64;
+    let m = settle(&agent, |m| execs(m) >= n && exits(m) >= n);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(execs(&m), n, "execs of {name}\n{}", m.0);
+    assert_eq!(exits(&m), n, "exits of {name}\n{}", m.0);
+    assert_eq!(
+        m.sum("tanzhen_decode_errors_total", &[("probe", "sched")]),
+        0.0
+    );
+    assert_eq!(dropped(&m), 0.0, "{}", m.0);
+}
