@@ -16,6 +16,7 @@ use std::{
 mod cli;
 #[cfg(test)]
 mod otlp;
+#[cfg(test)]
 mod sched;
 #[cfg(test)]
 mod tcp;
