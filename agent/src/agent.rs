@@ -17,7 +17,7 @@ use crate::{
         sched::SchedProbe,
         tcp::{ConnectSink, LossCounters, TcpProbe},
     },
-    server,
+    process, server,
     snapshot::{Desc, Snapshot},
 };
 
@@ -124,6 +124,7 @@ async fn run_async(
             labels: &["version", "arch", "kernel"],
         })
         .set(&[VERSION, std::env::consts::ARCH, &uname.release], 1);
+    process::register(&snapshot);
     let probe_up = snapshot.gauge(Desc {
         name: "tanzhen_probe_up",
         help: "1 when the probe is attached and running, 0 when it failed.",

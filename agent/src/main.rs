@@ -12,6 +12,7 @@ mod loader;
 )]
 mod metadata;
 mod probe;
+mod process;
 mod server;
 mod snapshot;
 

@@ -188,6 +188,37 @@ impl GaugeVec {
     }
 }
 
+/// Whether a [`FloatVec`] is exported as a counter or a gauge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatKind {
+    /// Monotonic (e.g. CPU seconds); exported with `_total`.
+    Counter,
+    /// A value that goes up and down (e.g. resident memory).
+    Gauge,
+}
+
+/// A family of floating-point values the agent samples itself (its own process metrics).
+/// Like gauges they never expire; a counter's samples must only grow.
+#[derive(Debug)]
+pub struct FloatVec {
+    pub desc: Desc,
+    pub kind: FloatKind,
+    series: Series<f64>,
+}
+
+impl FloatVec {
+    /// Sets the series `labels` to `v`.
+    pub fn set(&self, labels: &[&str], v: f64) {
+        self.series.update(labels, || v, |g| *g = v);
+    }
+
+    /// A copy of every series.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<(LabelValues, f64)> {
+        self.series.snapshot()
+    }
+}
+
 /// One histogram series: per-bucket (non-cumulative) counts, the overflow bucket last.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HistogramData {
@@ -284,13 +315,28 @@ pub enum Family {
     Counter(Arc<CounterVec>),
     Gauge(Arc<GaugeVec>),
     Histogram(Arc<HistogramVec>),
+    Float(Arc<FloatVec>),
 }
 
+/// Runs before every read of the families (each scrape, each OTLP export) to refresh values
+/// sampled on demand, such as the agent's own process metrics.
+pub type ReadHook = Box<dyn Fn() + Send + Sync>;
+
 /// The registry of families, in registration order, and the limits they share.
-#[derive(Debug)]
 pub struct Snapshot {
     limits: Arc<Limits>,
     families: Mutex<Vec<Family>>,
+    hooks: Mutex<Vec<ReadHook>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("limits", &self.limits)
+            .field("families", &self.families)
+            .field("hooks", &lock(&self.hooks).len())
+            .finish()
+    }
 }
 
 impl Default for Snapshot {
@@ -327,6 +373,7 @@ impl Snapshot {
         Self {
             limits,
             families: Mutex::new(vec![Family::Counter(folded)]),
+            hooks: Mutex::default(),
         }
     }
 
@@ -386,9 +433,28 @@ impl Snapshot {
         h
     }
 
-    /// Every family registered so far.
+    /// Registers a family of floating-point values (exempt from the TTL).
+    pub fn float(&self, desc: Desc, kind: FloatKind) -> Arc<FloatVec> {
+        self.announce(&desc);
+        let series = Series::new(desc.name, self.limits.clone());
+        series.persistent.store(true, Ordering::Relaxed);
+        let f = Arc::new(FloatVec { desc, kind, series });
+        lock(&self.families).push(Family::Float(f.clone()));
+        f
+    }
+
+    /// Runs `hook` before every [`Snapshot::families`] (i.e. on every scrape and export).
+    /// Hooks must be cheap: they run on the exporters' path.
+    pub fn on_read(&self, hook: ReadHook) {
+        lock(&self.hooks).push(hook);
+    }
+
+    /// Every family registered so far, after the read hooks have refreshed theirs.
     #[must_use]
     pub fn families(&self) -> Vec<Family> {
+        for hook in lock(&self.hooks).iter() {
+            hook();
+        }
         lock(&self.families).clone()
     }
 }
@@ -529,6 +595,36 @@ mod tests {
         assert_eq!(live, vec!["new"]);
         assert_eq!(p.snapshot().len(), 1);
         assert_eq!(g.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn read_hooks_refresh_float_families_before_each_read() {
+        let s = Snapshot::new(100, Some(Duration::from_millis(1)));
+        let f = s.float(
+            Desc {
+                name: "f",
+                help: "f",
+                labels: &[],
+            },
+            FloatKind::Counter,
+        );
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (f2, c2) = (f.clone(), calls.clone());
+        s.on_read(Box::new(move || {
+            let n = c2.fetch_add(1, Ordering::Relaxed) + 1;
+            #[expect(clippy::cast_precision_loss, reason = "small test numbers")]
+            f2.set(&[], n as f64 * 0.5);
+        }));
+        assert!(f.snapshot().is_empty(), "nothing until the first read");
+        let _ = s.families();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(s.families().len(), 2);
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            f.snapshot(),
+            vec![(vec![], 1.0)],
+            "refreshed on read and exempt from the TTL"
+        );
     }
 
     #[test]

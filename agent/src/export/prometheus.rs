@@ -11,7 +11,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::snapshot::{Family, LabelValues, Snapshot};
+use crate::snapshot::{Family, FloatKind, LabelValues, Snapshot};
 
 /// Content type of [`render`]`(.., Format::OpenMetrics)`.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -110,6 +110,22 @@ impl Collector for SnapshotCollector {
                     for (values, v) in g.snapshot() {
                         let labels = label_pairs(g.desc.labels, &values);
                         with_labels(&mut m, &labels, |e| e.encode_gauge(&v))?;
+                    }
+                }
+                Family::Float(f) => {
+                    let kind = match f.kind {
+                        FloatKind::Counter => MetricType::Counter,
+                        FloatKind::Gauge => MetricType::Gauge,
+                    };
+                    let mut m = encoder.encode_descriptor(f.desc.name, f.desc.help, None, kind)?;
+                    for (values, v) in f.snapshot() {
+                        let labels = label_pairs(f.desc.labels, &values);
+                        with_labels(&mut m, &labels, |e| match f.kind {
+                            FloatKind::Counter => {
+                                e.encode_counter::<NoLabelSet, f64, u64>(&v, None)
+                            }
+                            FloatKind::Gauge => e.encode_gauge(&v),
+                        })?;
                     }
                 }
                 Family::Histogram(h) => {
@@ -217,6 +233,24 @@ mod tests {
         h.observe(&[], 0.05);
         h.observe(&[], 0.5);
         h.observe(&[], 5.0);
+        s.float(
+            Desc {
+                name: "process_cpu_seconds",
+                help: "CPU.",
+                labels: &[],
+            },
+            FloatKind::Counter,
+        )
+        .set(&[], 1.25);
+        s.float(
+            Desc {
+                name: "process_resident_memory_bytes",
+                help: "RSS.",
+                labels: &[],
+            },
+            FloatKind::Gauge,
+        )
+        .set(&[], 4096.0);
         s
     }
 
@@ -251,6 +285,18 @@ mod tests {
         assert!(out.contains("# TYPE t_up gauge\n"), "{out}");
         assert!(!out.contains("# EOF"), "{out}");
         assert!(!out.contains("# UNIT"), "{out}");
+        assert!(
+            out.contains(
+                "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1.25\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes 4096.0\n"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::{
 use tokio::sync::watch;
 
 use super::{Backoff, FINAL_FLUSH, OtlpCounters, Transport, kv_str, scope, to_i64, unix_nanos};
-use crate::snapshot::{Family, LabelValues, Snapshot};
+use crate::snapshot::{Family, FloatKind, LabelValues, Snapshot};
 
 /// OTel names of the families whose name is not the default mapping, with UCUM units.
 /// (Prometheus name without `_total`, OTel name, unit.)
@@ -45,6 +45,34 @@ const NAMES: &[(&str, &str, &str)] = &[
     ("tanzhen_otlp_exports", "tanzhen.otlp.exports", "{request}"),
     ("tanzhen_build_info", "tanzhen.build.info", "1"),
     ("tanzhen_probe_up", "tanzhen.probe.up", "1"),
+    // The agent's own process metrics, by OTel's process semantic conventions where they
+    // have a name for it.
+    ("process_cpu_seconds", "process.cpu.time", "s"),
+    (
+        "process_resident_memory_bytes",
+        "process.memory.usage",
+        "By",
+    ),
+    (
+        "process_virtual_memory_bytes",
+        "process.memory.virtual",
+        "By",
+    ),
+    (
+        "process_open_fds",
+        "process.open_file_descriptor.count",
+        "{file_descriptor}",
+    ),
+    (
+        "process_max_fds",
+        "tanzhen.process.max_file_descriptors",
+        "{file_descriptor}",
+    ),
+    (
+        "process_start_time_seconds",
+        "tanzhen.process.start_time",
+        "s",
+    ),
 ];
 
 /// The OTel name and unit of a family: from [`NAMES`], else `tanzhen_x_y` -> `tanzhen.x.y`,
@@ -140,6 +168,37 @@ pub fn metrics_request(
                         data_points: points,
                     }),
                 )
+            }
+            Family::Float(f) => {
+                let points: Vec<NumberDataPoint> = f
+                    .snapshot()
+                    .into_iter()
+                    .map(|(labels, v)| NumberDataPoint {
+                        attributes: attrs(f.desc.labels, &labels),
+                        start_time_unix_nano: if f.kind == FloatKind::Counter {
+                            start_ns
+                        } else {
+                            0
+                        },
+                        time_unix_nano: now_ns,
+                        value: Some(number_data_point::Value::AsDouble(v)),
+                        ..Default::default()
+                    })
+                    .collect();
+                if points.is_empty() {
+                    continue;
+                }
+                let data = match f.kind {
+                    FloatKind::Counter => metric::Data::Sum(Sum {
+                        data_points: points,
+                        aggregation_temporality: cumulative,
+                        is_monotonic: true,
+                    }),
+                    FloatKind::Gauge => metric::Data::Gauge(Gauge {
+                        data_points: points,
+                    }),
+                };
+                (f.desc, data)
             }
             Family::Histogram(h) => {
                 let points: Vec<HistogramDataPoint> = h
