@@ -3,9 +3,11 @@
 (kubernetes-validate, strict), the PodMonitor has the fields the operator needs, the
 kustomization lists the files, the DaemonSets' args are flags the real binary accepts
 (`tanzhen <args> --dry-run`), and the systemd unit passes `systemd-analyze verify` with flags
-the binary accepts. Usage: test_manifests.py PATH_TO_TANZHEN. Ends with the line
+the binary accepts; deploy/grafana's dashboard ConfigMaps validate, carry the sidecar label and
+hold exactly dashboards/*.json, and the Grafana provisioning file points at a file provider. Usage: test_manifests.py PATH_TO_TANZHEN. Ends with the line
 `N passed, M failed`; exits 1 on any failure."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -73,6 +75,46 @@ def systemd_unit(binary):
         assert v.returncode == 0, f"systemd-analyze verify: {v.stdout}{v.stderr}"
 
 
+GRAFANA = HERE.parent / "grafana"
+DASHBOARDS = HERE.parent.parent / "dashboards"
+
+
+def dashboard_configmap(doc):
+    validate_schema(doc)
+    assert doc["metadata"]["labels"].get("grafana_dashboard") == "1", "no grafana_dashboard: \"1\" label"
+    assert "namespace" not in doc["metadata"], "leave the namespace to `kubectl -n` (the sidecar's)"
+    for key, text in doc["data"].items():
+        src = DASHBOARDS / key.removeprefix("tanzhen-")
+        assert src.exists(), f"{key} has no dashboards/{src.name}"
+        assert text == src.read_text(), f"{key} differs from dashboards/{src.name}: run `cargo xtask dashboards`"
+        json.loads(text)
+
+
+def grafana_checks():
+    cms = docs(GRAFANA / "dashboards-configmap.yaml")
+    for d in cms:
+        check(f"grafana ConfigMap/{d['metadata']['name']} schema and contents", lambda d=d: dashboard_configmap(d))
+
+    def every_dashboard_shipped():
+        keys = {k.removeprefix("tanzhen-") for d in cms for k in d["data"]}
+        files = {p.name for p in DASHBOARDS.glob("*.json")}
+        assert keys == files, f"ConfigMaps hold {sorted(keys)}, dashboards/ has {sorted(files)}"
+        sizes = [len(yaml.safe_dump(d)) for d in cms]
+        # kubectl apply keeps a copy in an annotation limited to 256 KiB.
+        assert max(sizes) < 256 * 1024, f"a ConfigMap is {max(sizes)} bytes: too big for kubectl apply"
+
+    def provisioning():
+        (p,) = docs(GRAFANA / "provisioning-dashboards.yaml")
+        assert p["apiVersion"] == 1, "provisioning apiVersion must be 1"
+        (prov,) = p["providers"]
+        assert prov["type"] == "file" and prov["options"]["path"].startswith("/"), prov
+        assert set(prov) <= {"name", "orgId", "folder", "folderUid", "type", "disableDeletion",
+                             "allowUiUpdates", "updateIntervalSeconds", "options"}, f"unknown keys in {prov}"
+
+    check("grafana ConfigMaps ship every dashboard", every_dashboard_shipped)
+    check("grafana provisioning file", provisioning)
+
+
 def main():
     binary = sys.argv[1]
     files = sorted(HERE.glob("*.yaml"))
@@ -99,6 +141,7 @@ def main():
             assert (HERE / r).exists(), f"kustomization lists missing {r}"
 
     check("kustomization lists every manifest", listed)
+    grafana_checks()
     check("systemd unit verifies and its flags are accepted", lambda: systemd_unit(binary))
     failed = sum(1 for _, e in results if e)
     print(f"manifests: {len(results) - failed} passed, {failed} failed")

@@ -1,9 +1,10 @@
-//! Developer tasks: `cargo xtask setup | build | run | test`.
+//! Developer tasks: `cargo xtask setup | build | run | dashboards | test` (and more below).
 //!
 //! Every task that needs the eBPF toolchain runs `setup` first; `setup` is idempotent and fast
 //! when everything is already in place.
 
 mod bench;
+mod dashboards;
 mod dist;
 mod setup;
 
@@ -62,6 +63,8 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Regenerate deploy/grafana/dashboards-configmap.yaml from dashboards/*.json.
+    Dashboards,
     /// Set up, then run every test: unit tests, then the privileged end-to-end tests against
     /// the real kernel (needs root).
     Test {
@@ -108,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             setup::build_tools()?;
             bench::bench(&root, quick)
         }
+        Task::Dashboards => dashboards::generate(&root),
         Task::Test { filter } => {
             setup::all()?;
             test(&root, filter.as_deref())
