@@ -15,6 +15,8 @@ use std::{
 #[cfg(test)]
 mod cli;
 #[cfg(test)]
+mod dashboards;
+#[cfg(test)]
 mod otlp;
 #[cfg(test)]
 mod sched;
