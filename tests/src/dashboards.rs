@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use crate::{Agent, free_port, http_get, wait_for};
 
-/// Substitution for `$__rate_interval`: five 1 s scrapes.
+/// Substitution for `$__rate_interval`: five 1 s scrapes of an agent draining its kernel maps
+/// every second (`--interval 1s`), so every window holds fresh increments.
 const RATE_INTERVAL: &str = "5s";
 
 fn dashboards_dir() -> PathBuf {
@@ -336,6 +337,8 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     let agent = Agent::start(&[
         "--probes",
         "all",
+        "--interval",
+        "1s",
         "--otlp-endpoint",
         &format!("http://127.0.0.1:{closed}"),
         "--otlp-interval",
