@@ -8,6 +8,10 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod config;
+#[cfg(target_arch = "bpf")]
+mod syscalls;
+#[cfg(target_arch = "bpf")]
 mod tcp;
 
 #[cfg(target_arch = "bpf")]

@@ -1,8 +1,9 @@
 //! Command-line interface (clap derive; the doc comments are the help text).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use regex::Regex;
 
 use crate::probe;
 
@@ -48,6 +49,55 @@ pub struct RunArgs {
     /// Log verbosity.
     #[arg(long, env = "TANZHEN_LOG_LEVEL", default_value = "info", value_enum)]
     pub log_level: LogLevel,
+
+    /// Only observe this process (tgid), in every probe.
+    #[arg(long, env = "TANZHEN_PID")]
+    pub pid: Option<u32>,
+
+    /// How often kernel aggregates (syscall counts and latency) are drained into the
+    /// metrics, e.g. 5s, 500ms, 1m.
+    #[arg(long, env = "TANZHEN_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub interval: Duration,
+
+    /// Syscalls probe: only report processes whose name (comm) matches this regular
+    /// expression, e.g. `^(nginx|java)$`.
+    #[arg(long, env = "TANZHEN_SYSCALLS_COMM_FILTER", value_parser = parse_regex)]
+    pub syscalls_comm_filter: Option<Regex>,
+
+    /// Testing only: capacity of each generation of the kernel's per-(process, syscall) count
+    /// map (default 16384), to exercise the map-full path.
+    #[arg(long, env = "TANZHEN_SYSCALLS_MAP_ENTRIES", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub syscalls_map_entries: Option<u32>,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a duration; use e.g. 5s, 500ms or 1m (at least 100ms)");
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(bad()),
+    };
+    if d < Duration::from_millis(100) {
+        return Err(bad());
+    }
+    Ok(d)
+}
+
+fn parse_regex(s: &str) -> Result<Regex, String> {
+    Regex::new(s).map_err(|e| {
+        let why = e.to_string();
+        let last = why
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        format!("`{s}` is not a valid regular expression ({})", last.trim())
+    })
 }
 
 /// Log verbosity levels.
@@ -144,8 +194,11 @@ mod tests {
     #[test]
     fn defaults() {
         let r = run_args(&[]).unwrap();
-        assert_eq!(*r.probes, [ProbeKind::Tcp]);
+        assert_eq!(*r.probes, [ProbeKind::Tcp, ProbeKind::Syscalls]);
         assert_eq!(r.listen, "0.0.0.0:9527".parse().unwrap());
+        assert_eq!(r.interval, Duration::from_secs(5));
+        assert!(r.pid.is_none() && r.syscalls_comm_filter.is_none());
+        assert!(r.syscalls_map_entries.is_none());
     }
 
     #[test]
@@ -179,6 +232,36 @@ mod tests {
             run_args(&["--listen", "[::1]:9"]).unwrap().listen,
             "[::1]:9".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn intervals_and_filters() {
+        let r = run_args(&["--interval", "250ms", "--pid", "42"]).unwrap();
+        assert_eq!(r.interval, Duration::from_millis(250));
+        assert_eq!(r.pid, Some(42));
+        assert_eq!(
+            run_args(&["--interval", "2m"]).unwrap().interval,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            run_args(&["--interval", "3"]).unwrap().interval,
+            Duration::from_secs(3)
+        );
+        for bad in ["0s", "5h", "fast", "50ms", ""] {
+            let e = run_args(&["--interval", bad]).unwrap_err();
+            assert!(
+                one_line(&e).contains("is not a duration"),
+                "{bad}: {}",
+                one_line(&e)
+            );
+        }
+        let r = run_args(&["--syscalls-comm-filter", "^ng(inx)?$"]).unwrap();
+        assert!(r.syscalls_comm_filter.unwrap().is_match("nginx"));
+        let e = run_args(&["--syscalls-comm-filter", "(unclosed"]).unwrap_err();
+        let line = one_line(&e);
+        assert!(line.contains("is not a valid regular expression"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+        assert!(run_args(&["--syscalls-map-entries", "0"]).is_err());
     }
 
     #[test]

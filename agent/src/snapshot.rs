@@ -154,10 +154,6 @@ impl HistogramVec {
 
     /// Adds pre-bucketed counts (one per bound, then the `+Inf` overflow), e.g. drained from a
     /// kernel log2 histogram, and their `sum`. Extra trailing counts fold into `+Inf`.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "for the syscalls and sched probes")
-    )]
     pub fn add_counts(&self, labels: &[&str], counts: &[u64], sum: f64) {
         let n = self.bounds.len();
         let mut s = lock(&self.series);
@@ -196,10 +192,6 @@ pub fn bucket_index(bounds: &[f64], v: f64) -> usize {
 /// Upper bounds, in seconds, of the kernel's log2 nanosecond slots 0..=63
 /// ([`agent_common::hist`]): slot `s` counts durations below `2^s` ns, exported as `le=2^s ns`.
 /// Slot 64 is the `+Inf` bucket.
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "for the syscalls and sched probes")
-)]
 pub static LOG2_NS_BOUNDS: [f64; 64] = {
     let mut b = [0.0; 64];
     let mut s = 0;

@@ -3,6 +3,7 @@
 //! Every task that needs the eBPF toolchain runs `setup` first; `setup` is idempotent and fast
 //! when everything is already in place.
 
+mod gen_syscalls;
 mod setup;
 
 use std::{
@@ -44,6 +45,13 @@ enum Task {
         /// Only run tests whose name contains this string.
         filter: Option<String>,
     },
+    /// Regenerate agent/src/probe/syscall_names.rs (x86_64 and aarch64 syscall names, errno
+    /// names) from Debian's linux-libc-dev at the pinned version (needs apt-get, dpkg-deb, cpp).
+    GenSyscalls {
+        /// Directory with (or to download) linux-libc-dev_<version>_{amd64,arm64}.deb.
+        #[arg(long)]
+        debs: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Task::GenSyscalls { debs } => gen_syscalls::run(&root, debs),
         Task::Test { filter } => {
             setup::all()?;
             test(&root, filter.as_deref())

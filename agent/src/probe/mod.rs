@@ -1,6 +1,8 @@
 //! The probe catalogue: what each probe measures, the kernel hooks it needs, and whether this
 //! build ships it. `tanzhen probes`, `tanzhen check` and `--probes` all read it.
 
+pub mod syscall_names;
+pub mod syscalls;
 pub mod tcp;
 
 use std::fmt;
@@ -92,6 +94,7 @@ pub const PROBES: &[ProbeInfo] = &[
             "tanzhen_syscalls_total{comm,syscall}",
             "tanzhen_syscall_errors_total{comm,syscall}",
             "tanzhen_syscall_duration_seconds{syscall}",
+            "tanzhen_file_opens_total{comm,result}",
         ],
         hooks: &[
             Hook::Tracepoint {
@@ -104,7 +107,7 @@ pub const PROBES: &[ProbeInfo] = &[
             },
         ],
         min_kernel: (4, 19),
-        built: false,
+        built: true,
     },
     ProbeInfo {
         kind: ProbeKind::Sched,
@@ -235,19 +238,22 @@ mod tests {
     fn parses_lists_and_all() {
         assert_eq!(parse_list("tcp").unwrap().0, vec![ProbeKind::Tcp]);
         assert_eq!(parse_list("tcp, tcp").unwrap().0, vec![ProbeKind::Tcp]);
-        assert_eq!(parse_list("all").unwrap().0, vec![ProbeKind::Tcp]);
+        assert_eq!(
+            parse_list("all").unwrap().0,
+            vec![ProbeKind::Tcp, ProbeKind::Syscalls]
+        );
     }
 
     #[test]
     fn rejects_unknown_and_unbuilt_with_the_available_list() {
         let e = parse_list("tcp,bogus").unwrap_err();
         assert!(
-            e.contains("unknown probe `bogus`") && e.contains("available probes: tcp"),
+            e.contains("unknown probe `bogus`") && e.contains("available probes: tcp, syscalls"),
             "{e}"
         );
-        let e = parse_list("syscalls").unwrap_err();
+        let e = parse_list("sched").unwrap_err();
         assert!(
-            e.contains("not built") && e.contains("available probes: tcp"),
+            e.contains("not built") && e.contains("available probes: tcp, syscalls"),
             "{e}"
         );
         assert!(
