@@ -15,6 +15,8 @@ use std::{
 #[cfg(test)]
 mod cli;
 #[cfg(test)]
+mod syscalls;
+#[cfg(test)]
 mod tcp;
 
 /// Path of the binary under test: `$TANZHEN_BIN`, else `target/debug/tanzhen`.
