@@ -11,7 +11,7 @@ pub const SYSCALL_COUNTS_0: &str = "SYSCALL_COUNTS_0";
 pub const SYSCALL_COUNTS_1: &str = "SYSCALL_COUNTS_1";
 /// `PerCpuArray<SyscallHistRow>` indexed by syscall number (row [`SYSCALL_NR_MAX`] = "other").
 pub const SYSCALL_HIST: &str = "SYSCALL_HIST";
-/// `LruHashMap<u32 tid, u64 ns>`: start time of the syscall each thread is in (0 = none).
+/// `LruHashMap<u32 tid, SyscallStart>`: the syscall each thread is in.
 pub const SYSCALL_START: &str = "SYSCALL_START";
 /// `Array<SyscallConfig>` with one entry, written by userspace.
 pub const SYSCALL_CONFIG: &str = "SYSCALL_CONFIG";
@@ -36,12 +36,18 @@ pub const SYSCALL_HIST_SUM: usize = SYSCALL_HIST_SLOTS;
 /// One histogram row: [`SYSCALL_HIST_SLOTS`] counts, then the sum of latencies in ns.
 pub type SyscallHistRow = [u64; SYSCALL_HIST_SLOTS + 1];
 
-/// Byte offset of `id` in both `raw_syscalls` records and of `ret` in `sys_exit`. Stable since
-/// the tracepoints appeared (2.6.33); the programs load them directly from the context (cheaper
-/// than `bpf_probe_read`), so userspace checks them against tracefs before attaching.
-pub const SYS_ID_OFFSET: u32 = 8;
-/// See [`SYS_ID_OFFSET`].
-pub const SYS_EXIT_RET_OFFSET: u32 = 16;
+/// The syscall a thread is in, recorded at entry and read at exit (raw `sys_exit` passes only
+/// the return value, not the number). Overwritten in place, never deleted per call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallStart {
+    /// `bpf_ktime_get_ns` at entry; 0 once the exit has consumed it.
+    pub ts_ns: u64,
+    pub nr: u32,
+    pub _pad: u32,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SyscallStart {}
 
 /// Largest errno the kernel returns (`MAX_ERRNO`): `-4095..=-1` is an error.
 pub const MAX_ERRNO: i64 = 4095;

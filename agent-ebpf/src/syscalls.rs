@@ -1,17 +1,19 @@
-//! System call counts, errors and latency on `raw_syscalls:sys_enter` / `sys_exit`, aggregated
-//! in the kernel.
+//! System call counts, errors and latency on the `sys_enter` / `sys_exit` raw tracepoints,
+//! aggregated in the kernel.
 //!
-//! Why these hooks: they fire for every syscall of every process with the number and the return
-//! value as plain fields, exist on 4.19 and need no per-syscall attach. Every syscall pays for
-//! them, so the programs do as little as possible (DESIGN.md "Performance levers"):
+//! Why these hooks: they fire for every syscall of every process, exist on 4.19 (raw
+//! tracepoints since 4.17) and need no per-syscall attach. Every syscall pays for them, so the
+//! programs do as little as possible (DESIGN.md "Performance levers"):
 //!
-//! - `id` and `ret` are loaded straight from the record at fixed offsets that userspace checks
-//!   against tracefs before attaching (no `bpf_probe_read` call);
+//! - raw tracepoints rather than the classic `raw_syscalls:*` ones: the kernel builds no trace
+//!   record; `id` (enter) and `ret` (exit) are tracepoint arguments read straight from the
+//!   context, and the exit takes the syscall number from the thread's start slot (no `pt_regs`
+//!   read, nothing arch-specific);
 //! - calls are counted at entry in a per-CPU hash keyed by (tgid, nr) (so `clone` counts once
 //!   and `exit_group` counts at all); errors at exit, where the hash is touched only when the
 //!   call failed; the open family is counted at exit per errno (`tanzhen_file_opens_total`);
-//! - the start time per thread lives in an LRU hash whose slot is overwritten in place at entry
-//!   and zeroed at exit, never inserted and deleted per call;
+//! - the start time and number per thread live in an LRU hash whose slot is overwritten in place
+//!   at entry and zeroed at exit, never inserted and deleted per call;
 //! - latency goes into a per-CPU array row per syscall number (log2 slots plus a ns sum).
 //!
 //! Counts are written to one of two map generations chosen by [`SYSCALL_CONFIG`]; userspace
@@ -21,19 +23,17 @@
 use agent_common::{
     COMM_LEN,
     syscalls::{
-        SYS_EXIT_RET_OFFSET, SYS_ID_OFFSET, SYSCALL_COUNTS_MAX, SYSCALL_HIST_ROWS,
-        SYSCALL_HIST_SLOTS, SYSCALL_HIST_SUM, SYSCALL_LOST_MAP_FULL, SYSCALL_LOST_REASONS,
-        SYSCALL_START_MAX, SyscallConfig, SyscallHistRow, SyscallKey, SyscallStat, hist_row,
-        hist_slot, is_error,
+        SYSCALL_COUNTS_MAX, SYSCALL_HIST_ROWS, SYSCALL_HIST_SLOTS, SYSCALL_HIST_SUM,
+        SYSCALL_LOST_MAP_FULL, SYSCALL_LOST_REASONS, SYSCALL_START_MAX, SyscallConfig,
+        SyscallHistRow, SyscallKey, SyscallStart, SyscallStat, hist_row, hist_slot, is_error,
     },
 };
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 
 use crate::config::tgid_allowed;
@@ -53,7 +53,8 @@ static SYSCALL_HIST: PerCpuArray<SyscallHistRow> =
     PerCpuArray::with_max_entries(SYSCALL_HIST_ROWS, 0);
 
 #[map]
-static SYSCALL_START: LruHashMap<u32, u64> = LruHashMap::with_max_entries(SYSCALL_START_MAX, 0);
+static SYSCALL_START: LruHashMap<u32, SyscallStart> =
+    LruHashMap::with_max_entries(SYSCALL_START_MAX, 0);
 
 #[map]
 static SYSCALL_CONFIG: Array<SyscallConfig> = Array::with_max_entries(1, 0);
@@ -61,23 +62,23 @@ static SYSCALL_CONFIG: Array<SyscallConfig> = Array::with_max_entries(1, 0);
 #[map]
 static SYSCALL_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(SYSCALL_LOST_REASONS, 0);
 
-/// `raw_syscalls:sys_enter` (kernel >= 2.6.33):
+/// Raw tracepoint `sys_enter(struct pt_regs *regs, long id)` (raw tracepoints: kernel >= 4.17):
 /// <https://elixir.bootlin.com/linux/v6.1/source/include/trace/events/syscalls.h>
-#[tracepoint]
-pub fn syscalls_sys_enter(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn syscalls_sys_enter(ctx: RawTracePointContext) -> i32 {
     on_enter(&ctx);
     0
 }
 
-/// `raw_syscalls:sys_exit` (kernel >= 2.6.33), see [`syscalls_sys_enter`].
-#[tracepoint]
-pub fn syscalls_sys_exit(ctx: TracePointContext) -> u32 {
+/// Raw tracepoint `sys_exit(struct pt_regs *regs, long ret)`, see [`syscalls_sys_enter`].
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn syscalls_sys_exit(ctx: RawTracePointContext) -> i32 {
     on_exit(&ctx);
     0
 }
 
 #[inline(always)]
-fn on_enter(ctx: &TracePointContext) {
+fn on_enter(ctx: &RawTracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !tgid_allowed(tgid) {
@@ -86,30 +87,37 @@ fn on_enter(ctx: &TracePointContext) {
     let Some(cfg) = SYSCALL_CONFIG.get(0) else {
         return;
     };
-    // SAFETY: the record is at least SYS_ID_OFFSET + 8 bytes (checked against tracefs).
-    let nr = unsafe { *(ctx.as_ptr().cast::<u8>().add(SYS_ID_OFFSET as usize) as *const i64) };
-    if nr >= 0 && !is_open(cfg, nr as u32) {
-        let key = SyscallKey {
-            tgid,
-            nr: nr as u32,
-            errno: 0,
-        };
+    let nr: i64 = ctx.arg(1);
+    if nr < 0 {
+        return;
+    }
+    let nr = nr as u32;
+    if !is_open(cfg, nr) {
+        let key = SyscallKey { tgid, nr, errno: 0 };
         count(cfg.generation, &key, 1, 0);
     }
     // Last, so the measured latency leaves out our own bookkeeping.
     let tid = pid_tgid as u32;
     let now = unsafe { bpf_ktime_get_ns() };
     match SYSCALL_START.get_ptr_mut(&tid) {
-        Some(p) => unsafe { *p = now },
+        Some(p) => unsafe {
+            (*p).ts_ns = now;
+            (*p).nr = nr;
+        },
         // LRU: a full map evicts the least recently used thread instead of failing.
         None => {
-            let _ = SYSCALL_START.insert(&tid, &now, 0);
+            let v = SyscallStart {
+                ts_ns: now,
+                nr,
+                _pad: 0,
+            };
+            let _ = SYSCALL_START.insert(&tid, &v, 0);
         }
     }
 }
 
 #[inline(always)]
-fn on_exit(ctx: &TracePointContext) {
+fn on_exit(ctx: &RawTracePointContext) {
     // First, so the measured latency leaves out our own bookkeeping.
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -120,41 +128,31 @@ fn on_exit(ctx: &TracePointContext) {
     let Some(cfg) = SYSCALL_CONFIG.get(0) else {
         return;
     };
-    // SAFETY: the sys_exit record is at least SYS_EXIT_RET_OFFSET + 8 bytes (checked).
-    let (nr, ret) = unsafe {
-        let base = ctx.as_ptr().cast::<u8>();
-        (
-            *(base.add(SYS_ID_OFFSET as usize) as *const i64),
-            *(base.add(SYS_EXIT_RET_OFFSET as usize) as *const i64),
-        )
+    let ret: i64 = ctx.arg(1);
+    let tid = pid_tgid as u32;
+    // No live start slot: the thread entered before we attached, or is a new thread returning
+    // from clone (which its parent already counted). Without it we know no syscall number.
+    let Some(p) = SYSCALL_START.get_ptr_mut(&tid) else {
+        return;
     };
-    if nr < 0 {
+    let (start, nr) = unsafe { ((*p).ts_ns, (*p).nr) };
+    if start == 0 {
         return;
     }
-    let tid = pid_tgid as u32;
-    // A thread with no start slot (or a zeroed one) entered before we attached, or is a new
-    // thread returning from clone: no latency for it.
-    if let Some(p) = SYSCALL_START.get_ptr_mut(&tid) {
-        let start = unsafe { *p };
-        if start != 0 && now >= start {
-            unsafe { *p = 0 };
-            record_latency(nr as u64, now - start);
-        }
+    unsafe { (*p).ts_ns = 0 };
+    if now >= start {
+        record_latency(u64::from(nr), now - start);
     }
     let failed = is_error(ret);
-    if is_open(cfg, nr as u32) {
+    if is_open(cfg, nr) {
         let key = SyscallKey {
             tgid,
-            nr: nr as u32,
+            nr,
             errno: if failed { (-ret) as u32 } else { 0 },
         };
         count(cfg.generation, &key, 1, u64::from(failed));
     } else if failed {
-        let key = SyscallKey {
-            tgid,
-            nr: nr as u32,
-            errno: 0,
-        };
+        let key = SyscallKey { tgid, nr, errno: 0 };
         count(cfg.generation, &key, 0, 1);
     }
 }

@@ -89,7 +89,7 @@ pub const PROBES: &[ProbeInfo] = &[
     ProbeInfo {
         kind: ProbeKind::Syscalls,
         name: "syscalls",
-        summary: "system call rates, errors and latency per process, aggregated in the kernel",
+        summary: "system call rates, errors and latency per process, aggregated in the kernel (attached as raw tracepoints)",
         metrics: &[
             "tanzhen_syscalls_total{comm,syscall}",
             "tanzhen_syscall_errors_total{comm,syscall}",

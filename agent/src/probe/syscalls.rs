@@ -1,5 +1,5 @@
-//! Syscalls probe, userspace side: checks the `raw_syscalls` record layout, attaches
-//! `sys_enter`/`sys_exit`, and every `--interval` drains the kernel's aggregates into the
+//! Syscalls probe, userspace side: attaches the `sys_enter`/`sys_exit` raw tracepoint
+//! programs, and every `--interval` drains the kernel's aggregates into the
 //! snapshot's long-lived counters and histograms.
 //!
 //! Draining is exact: the programs write one of two count-map generations; userspace flips the
@@ -20,22 +20,21 @@ use std::{
 };
 
 use agent_common::syscalls::{
-    NO_SYSCALL, SYS_EXIT_RET_OFFSET, SYS_ID_OFFSET, SYSCALL_CONFIG, SYSCALL_COUNTS_0,
-    SYSCALL_COUNTS_1, SYSCALL_HIST, SYSCALL_HIST_ROWS, SYSCALL_HIST_SLOTS, SYSCALL_HIST_SUM,
-    SYSCALL_LOST, SYSCALL_LOST_MAP_FULL, SYSCALL_LOST_REASONS, SYSCALL_NR_MAX, SyscallConfig,
-    SyscallHistRow, SyscallKey, SyscallStat,
+    NO_SYSCALL, SYSCALL_CONFIG, SYSCALL_COUNTS_0, SYSCALL_COUNTS_1, SYSCALL_HIST,
+    SYSCALL_HIST_ROWS, SYSCALL_HIST_SLOTS, SYSCALL_HIST_SUM, SYSCALL_LOST, SYSCALL_LOST_MAP_FULL,
+    SYSCALL_LOST_REASONS, SYSCALL_NR_MAX, SyscallConfig, SyscallHistRow, SyscallKey, SyscallStat,
 };
 use aya::{
     Ebpf,
     maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
-    programs::TracePoint,
+    programs::RawTracePoint,
 };
 use regex::Regex;
 use tokio::sync::watch;
 
 use super::syscall_names;
 use crate::{
-    kernel::{self, Format},
+    kernel,
     probe::{ProbeError, tcp::LossCounters},
     snapshot::{CounterVec, Desc, HistogramVec, LOG2_NS_BOUNDS, Snapshot},
 };
@@ -104,27 +103,6 @@ pub fn open_result(errno: u32) -> Cow<'static, str> {
 #[must_use]
 pub fn open_nrs(table: Table) -> [u32; 3] {
     ["open", "openat", "openat2"].map(|n| syscall_nr(table, n).unwrap_or(NO_SYSCALL))
-}
-
-/// Checks that the records have `id` (and `ret`) where the programs load them from.
-pub fn check_layout(enter: &Format, exit: &Format) -> Result<(), ProbeError> {
-    let bad = |what: &str| ProbeError::Unsupported {
-        probe: PROBE,
-        reason: format!(
-            "raw_syscalls:{what} on this kernel; tanzhen reads id at offset {SYS_ID_OFFSET} and \
-             ret at {SYS_EXIT_RET_OFFSET} (8 bytes each)"
-        ),
-    };
-    if enter.offset("id", 8) != Some(SYS_ID_OFFSET) {
-        return Err(bad("sys_enter has no 8-byte `id` at offset 8"));
-    }
-    if exit.offset("id", 8) != Some(SYS_ID_OFFSET) {
-        return Err(bad("sys_exit has no 8-byte `id` at offset 8"));
-    }
-    if exit.offset("ret", 8) != Some(SYS_EXIT_RET_OFFSET) {
-        return Err(bad("sys_exit has no 8-byte `ret` at offset 16"));
-    }
-    Ok(())
 }
 
 /// User options of the probe.
@@ -274,7 +252,7 @@ pub struct SyscallsProbe {
 }
 
 impl SyscallsProbe {
-    /// Checks the record layout, writes the config, loads and attaches both programs.
+    /// Writes the config, loads and attaches both programs.
     pub fn attach(
         ebpf: &mut Ebpf,
         tracefs: &Path,
@@ -282,9 +260,9 @@ impl SyscallsProbe {
         loss: LossCounters,
         opts: SyscallsOptions,
     ) -> Result<Self, ProbeError> {
-        let enter = kernel::tracepoint_format(tracefs, "raw_syscalls", "sys_enter")?;
-        let exit = kernel::tracepoint_format(tracefs, "raw_syscalls", "sys_exit")?;
-        check_layout(&enter, &exit)?;
+        // The raw tracepoints exist where the classic ones do: this names a missing one clearly.
+        kernel::tracepoint_format(tracefs, "raw_syscalls", "sys_enter")?;
+        kernel::tracepoint_format(tracefs, "raw_syscalls", "sys_exit")?;
         let table = native_table();
         let cfg = SyscallConfig {
             generation: 0,
@@ -304,15 +282,15 @@ impl SyscallsProbe {
         ];
         let hist = PerCpuArray::try_from(take(ebpf, SYSCALL_HIST)?)?;
         let lost = PerCpuArray::try_from(take(ebpf, SYSCALL_LOST)?)?;
-        // Exit first: an exit without its entry is harmless, while entries without exits
+        // Exit first: an exit without its entry is ignored, while entries without exits
         // would leave start slots set.
         for (prog, name) in [(EXIT, "sys_exit"), (ENTER, "sys_enter")] {
-            let p: &mut TracePoint = ebpf
+            let p: &mut RawTracePoint = ebpf
                 .program_mut(prog)
                 .ok_or(ProbeError::MissingProgram(prog))?
                 .try_into()?;
             p.load()?;
-            p.attach("raw_syscalls", name)?;
+            p.attach(name)?;
         }
         Ok(Self {
             config,
@@ -529,25 +507,6 @@ mod tests {
         assert_eq!(open_result(11), "EAGAIN", "EWOULDBLOCK is an alias");
         assert_eq!(open_result(40), "ELOOP");
         assert_eq!(open_result(4000), "E4000");
-    }
-
-    #[test]
-    fn layout_check_names_the_field() {
-        let enter = kernel::parse_format(
-            "field:long id;\toffset:8;\tsize:8;\tsigned:1;\nfield:unsigned long args[6];\toffset:16;\tsize:48;\tsigned:0;",
-        )
-        .unwrap();
-        let exit = kernel::parse_format(
-            "field:long id;\toffset:8;\tsize:8;\tsigned:1;\nfield:long ret;\toffset:16;\tsize:8;\tsigned:1;",
-        )
-        .unwrap();
-        check_layout(&enter, &exit).unwrap();
-        let moved = kernel::parse_format(
-            "field:long id;\toffset:8;\tsize:8;\tsigned:1;\nfield:long ret;\toffset:24;\tsize:8;\tsigned:1;",
-        )
-        .unwrap();
-        let e = check_layout(&enter, &moved).unwrap_err().to_string();
-        assert!(e.contains("`ret`"), "{e}");
     }
 
     #[test]
