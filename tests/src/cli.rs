@@ -39,6 +39,21 @@ fn bad_input_exits_2_with_one_line() {
         &["run", "--listen", "nonsense"],
         "is not an IP:PORT address",
     );
+    assert_usage_error(&["run", "--interval", "5h"], "is not a duration");
+    assert_usage_error(
+        &["run", "--syscalls-comm-filter", "(x"],
+        "is not a valid regular expression",
+    );
+}
+
+#[test]
+fn missing_pid_exits_2_with_one_line() {
+    crate::require_root();
+    let addr = format!("127.0.0.1:{}", crate::free_port());
+    assert_usage_error(
+        &["run", "--pid", "999999999", "--listen", &addr],
+        "--pid 999999999: no such process",
+    );
 }
 
 #[test]
