@@ -7,7 +7,22 @@
 
 pub mod hist;
 pub mod sched;
+pub mod syscalls;
 pub mod tcp;
 
 /// Size of the kernel's `TASK_COMM_LEN`: a task name plus its NUL.
 pub const COMM_LEN: usize = 16;
+
+/// `Array<AgentConfig>` with one entry: settings every probe's programs read.
+pub const AGENT_CONFIG: &str = "AGENT_CONFIG";
+
+/// Settings shared by every probe, written by userspace before any program attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Only events of this process (tgid) are recorded; 0 records every process (`--pid`).
+    pub filter_tgid: u32,
+    pub _pad: u32,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for AgentConfig {}

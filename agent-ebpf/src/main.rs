@@ -14,7 +14,11 @@
 )]
 
 #[cfg(target_arch = "bpf")]
+mod config;
+#[cfg(target_arch = "bpf")]
 mod sched;
+#[cfg(target_arch = "bpf")]
+mod syscalls;
 #[cfg(target_arch = "bpf")]
 mod tcp;
 

@@ -90,6 +90,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 #[inline(always)]
 fn on_connect_start(skaddr: u64) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
+    if !crate::config::tgid_allowed((pid_tgid >> 32) as u32) {
+        return Ok(());
+    }
     let start = TcpConnectStart {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -133,11 +136,15 @@ fn on_connect_done(
 
 #[inline(always)]
 fn on_listen(ctx: &TracePointContext, off: &TcpTpOffsets, skaddr: u64) -> Result<(), i64> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !crate::config::tgid_allowed(tgid) {
+        return Ok(());
+    }
     let sport: u16 = read(ctx, off.sport)?;
     let listener = TcpListener {
         skaddr,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        tgid,
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     };
@@ -182,7 +189,9 @@ fn on_accept(ctx: &TracePointContext, off: &TcpTpOffsets) -> Result<(), i64> {
                 &l.comm,
             )
         }
-        // Listening since before we attached: report it without a process.
+        // Listening since before we attached: report it without a process (unless --pid
+        // asks for one process: then it is not ours).
+        None if !crate::config::tgid_allowed(0) => Ok(()),
         None => emit(ctx, off, TCP_EVENT_ACCEPT, now, 0, 0, 0, 0, &[0; COMM_LEN]),
     }
 }

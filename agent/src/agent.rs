@@ -15,6 +15,7 @@ use crate::{
     probe::{
         ProbeError, ProbeKind,
         sched::SchedProbe,
+        syscalls::{SyscallsOptions, SyscallsProbe},
         tcp::{ConnectSink, LossCounters, TcpProbe},
     },
     process, server,
@@ -158,7 +159,29 @@ async fn run_async(
     if tracefs.mounted_now {
         log::info!("mounted tracefs at {}", tracefs.path.display());
     }
-    let mut ebpf = loader::load().map_err(|e| fatal(&e))?;
+    if let Some(pid) = args.pid
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    {
+        return Err(RunError::Usage(format!(
+            "--pid {pid}: no such process; give the pid (tgid) of a running process"
+        )));
+    }
+    let max_entries: Vec<(&'static str, u32)> = args
+        .syscalls_map_entries
+        .map(|n| {
+            use agent_common::syscalls::{SYSCALL_COUNTS_0, SYSCALL_COUNTS_1};
+            vec![(SYSCALL_COUNTS_0, n), (SYSCALL_COUNTS_1, n)]
+        })
+        .unwrap_or_default();
+    let mut ebpf = loader::load(&max_entries).map_err(|e| fatal(&e))?;
+    loader::configure(
+        &mut ebpf,
+        agent_common::AgentConfig {
+            filter_tgid: args.pid.unwrap_or(0),
+            _pad: 0,
+        },
+    )
+    .map_err(|e| fatal(&e))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -175,6 +198,19 @@ async fn run_async(
             .map(|p| {
                 tasks.spawn(p.run(stop_rx.clone()));
             }),
+            ProbeKind::Syscalls => SyscallsProbe::attach(
+                &mut ebpf,
+                &tracefs.path,
+                &snapshot,
+                loss.clone(),
+                SyscallsOptions {
+                    interval: args.interval,
+                    comm_filter: args.syscalls_comm_filter.clone(),
+                },
+            )
+            .map(|p| {
+                tasks.spawn(p.run(stop_rx.clone()));
+            }),
             ProbeKind::Sched => SchedProbe::attach(
                 &mut ebpf,
                 &tracefs.path,
@@ -184,10 +220,6 @@ async fn run_async(
             )
             .map(|p| {
                 tasks.spawn(p.run(stop_rx.clone()));
-            }),
-            ProbeKind::Syscalls => Err(ProbeError::Unsupported {
-                probe: kind.name(),
-                reason: "not built into this version".into(),
             }),
         };
         match res {

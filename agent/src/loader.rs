@@ -19,13 +19,30 @@ pub enum LoadError {
     Ebpf(#[from] aya::EbpfError),
 }
 
-/// Parses the object and creates its maps (programs are loaded by each probe).
-pub fn load() -> Result<Ebpf, LoadError> {
+/// Parses the object and creates its maps (programs are loaded by each probe), with the
+/// capacities of `max_entries` (map name, entries) instead of the compiled-in ones.
+pub fn load(max_entries: &[(&'static str, u32)]) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::EmptyObject);
     }
     crate::kernel::raise_memlock_rlimit();
-    Ok(EbpfLoader::new().load(OBJECT)?)
+    let mut loader = EbpfLoader::new();
+    for &(name, n) in max_entries {
+        loader.map_max_entries(name, n);
+    }
+    Ok(loader.load(OBJECT)?)
+}
+
+/// Writes the settings every probe's programs share (before any of them attaches).
+pub fn configure(
+    ebpf: &mut Ebpf,
+    cfg: agent_common::AgentConfig,
+) -> Result<(), aya::maps::MapError> {
+    let name = agent_common::AGENT_CONFIG;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })?;
+    aya::maps::Array::try_from(map)?.set(0, cfg, 0)
 }
 
 /// The 4.19 / no-BTF rules (DESIGN.md), checked on the object this binary embeds.

@@ -32,13 +32,27 @@ fn assert_usage_error(args: &[&str], needle: &str) {
 fn bad_input_exits_2_with_one_line() {
     assert_usage_error(
         &["run", "--probes", "tcp,bogus"],
-        "unknown probe `bogus`; available probes: tcp",
+        "unknown probe `bogus`; available probes: tcp, syscalls, sched",
     );
-    assert_usage_error(&["run", "--probes", "syscalls"], "not built");
     assert_usage_error(&["run", "--interval", "soon"], "is not an interval");
     assert_usage_error(
         &["run", "--listen", "nonsense"],
         "is not an IP:PORT address",
+    );
+    assert_usage_error(&["run", "--interval", "5h"], "is not an interval");
+    assert_usage_error(
+        &["run", "--syscalls-comm-filter", "(x"],
+        "is not a valid regular expression",
+    );
+}
+
+#[test]
+fn missing_pid_exits_2_with_one_line() {
+    crate::require_root();
+    let addr = format!("127.0.0.1:{}", crate::free_port());
+    assert_usage_error(
+        &["run", "--pid", "999999999", "--listen", &addr],
+        "--pid 999999999: no such process",
     );
 }
 

@@ -220,7 +220,7 @@ fn ipv6_connects_are_counted() {
 }
 
 /// `promtool check metrics` (Debian's prometheus package) must accept the scrape.
-fn promtool_accepts(m: &Metrics) {
+pub(crate) fn promtool_accepts(m: &Metrics) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -6,6 +6,7 @@
 mod bench;
 mod dashboards;
 mod dist;
+mod gen_syscalls;
 mod setup;
 
 use std::{
@@ -71,6 +72,13 @@ enum Task {
         /// Only run tests whose name contains this string.
         filter: Option<String>,
     },
+    /// Regenerate agent/src/probe/syscall_names.rs (x86_64 and aarch64 syscall names, errno
+    /// names) from Debian's linux-libc-dev at the pinned version (needs apt-get, dpkg-deb, cpp).
+    GenSyscalls {
+        /// Directory with (or to download) linux-libc-dev_<version>_{amd64,arm64}.deb.
+        #[arg(long)]
+        debs: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             bench::bench(&root, quick)
         }
         Task::Dashboards => dashboards::generate(&root),
+        Task::GenSyscalls { debs } => gen_syscalls::run(&root, debs),
         Task::Test { filter } => {
             setup::all()?;
             test(&root, filter.as_deref())

@@ -3,6 +3,8 @@
 
 pub mod listeners;
 pub mod sched;
+pub mod syscall_names;
+pub mod syscalls;
 pub mod tcp;
 
 use std::fmt;
@@ -89,11 +91,12 @@ pub const PROBES: &[ProbeInfo] = &[
     ProbeInfo {
         kind: ProbeKind::Syscalls,
         name: "syscalls",
-        summary: "system call rates, errors and latency per process, aggregated in the kernel",
+        summary: "system call rates, errors and latency per process, aggregated in the kernel (attached as raw tracepoints)",
         metrics: &[
             "tanzhen_syscalls_total{comm,syscall}",
             "tanzhen_syscall_errors_total{comm,syscall}",
             "tanzhen_syscall_duration_seconds{syscall}",
+            "tanzhen_file_opens_total{comm,result}",
         ],
         hooks: &[
             Hook::Tracepoint {
@@ -106,7 +109,7 @@ pub const PROBES: &[ProbeInfo] = &[
             },
         ],
         min_kernel: (4, 19),
-        built: false,
+        built: true,
     },
     ProbeInfo {
         kind: ProbeKind::Sched,
@@ -180,10 +183,9 @@ impl fmt::Display for ProbeKind {
     }
 }
 
-/// Probes this build ships, comma-separated (for messages).
-#[must_use]
-pub fn available_names() -> String {
-    PROBES
+/// Probes of `catalogue` this build ships, comma-separated (for messages).
+fn available_in(catalogue: &[ProbeInfo]) -> String {
+    catalogue
         .iter()
         .filter(|p| p.built)
         .map(|p| p.name)
@@ -215,6 +217,12 @@ impl std::ops::Deref for ProbeList {
 /// Parses a `--probes` list: names separated by commas, or `all` for every built probe.
 /// Duplicates are ignored; order follows [`PROBES`].
 pub fn parse_list(s: &str) -> Result<ProbeList, String> {
+    parse_in(PROBES, s)
+}
+
+/// [`parse_list`] against a given catalogue (tests use one with a probe that is not built).
+fn parse_in(catalogue: &[ProbeInfo], s: &str) -> Result<ProbeList, String> {
+    let available_names = || available_in(catalogue);
     let mut out = Vec::new();
     let mut all = false;
     for name in s.split(',').map(str::trim) {
@@ -225,11 +233,11 @@ pub fn parse_list(s: &str) -> Result<ProbeList, String> {
             ));
         }
         if name == "all" {
-            out.extend(PROBES.iter().filter(|p| p.built).map(|p| p.kind));
+            out.extend(catalogue.iter().filter(|p| p.built).map(|p| p.kind));
             all = true;
             continue;
         }
-        match PROBES.iter().find(|p| p.name == name) {
+        match catalogue.iter().find(|p| p.name == name) {
             Some(p) if p.built => out.push(p.kind),
             Some(p) => {
                 return Err(format!(
@@ -261,7 +269,7 @@ mod tests {
         assert_eq!(parse_list("tcp, tcp").unwrap().0, vec![ProbeKind::Tcp]);
         assert_eq!(
             parse_list("all").unwrap().0,
-            vec![ProbeKind::Tcp, ProbeKind::Sched]
+            vec![ProbeKind::Tcp, ProbeKind::Syscalls, ProbeKind::Sched]
         );
         assert_eq!(
             parse_list("sched,tcp").unwrap().0,
@@ -273,14 +281,28 @@ mod tests {
     fn rejects_unknown_and_unbuilt_with_the_available_list() {
         let e = parse_list("tcp,bogus").unwrap_err();
         assert!(
-            e.contains("unknown probe `bogus`") && e.contains("available probes: tcp"),
+            e.contains("unknown probe `bogus`")
+                && e.contains("available probes: tcp, syscalls, sched"),
             "{e}"
         );
-        let e = parse_list("syscalls").unwrap_err();
+        // Every probe ships today: check the "not built" path on a catalogue with one that
+        // does not.
+        let catalogue = [
+            ProbeInfo {
+                built: true,
+                ..*ProbeKind::Tcp.info()
+            },
+            ProbeInfo {
+                built: false,
+                ..*ProbeKind::Sched.info()
+            },
+        ];
+        let e = parse_in(&catalogue, "sched").unwrap_err();
         assert!(
-            e.contains("not built") && e.contains("available probes: tcp"),
+            e.contains("probe `sched` is not built") && e.contains("available probes: tcp"),
             "{e}"
         );
+        assert_eq!(parse_in(&catalogue, "all").unwrap().0, vec![ProbeKind::Tcp]);
         assert!(
             parse_list("tcp,,")
                 .unwrap_err()

@@ -357,28 +357,43 @@ fn read_lost(lost: &PerCpuArray<MapData, u64>, loss: &LossCounters) {
     }
 }
 
+/// A well-formed IPv4 event from 127.0.0.1:40000 to `daddr`:80, tgid 42, for unit tests here
+/// and in the exporters.
+#[cfg(test)]
+pub(crate) fn test_event(
+    kind: u32,
+    comm: &[u8],
+    ts_ns: u64,
+    latency_ns: u64,
+    daddr: [u8; 4],
+) -> TcpEvent {
+    let mut c = [0u8; 16];
+    c[..comm.len()].copy_from_slice(comm);
+    let mut d = [0u8; 16];
+    d[..4].copy_from_slice(&daddr);
+    TcpEvent {
+        ts_ns,
+        latency_ns,
+        cgroup_id: 0,
+        kind,
+        tgid: 42,
+        pid: 43,
+        family: agent_common::tcp::AF_INET,
+        sport: 40000,
+        dport: 80,
+        _pad: [0; 6],
+        saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        daddr: d,
+        comm: c,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn event(kind: u32) -> TcpEvent {
-        let mut comm = [0u8; 16];
-        comm[..6].copy_from_slice(b"tzconn");
-        TcpEvent {
-            ts_ns: 1,
-            latency_ns: 120_000,
-            cgroup_id: 7,
-            kind,
-            tgid: 42,
-            pid: 43,
-            family: agent_common::tcp::AF_INET,
-            sport: 40000,
-            dport: 80,
-            _pad: [0; 6],
-            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            daddr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            comm,
-        }
+        test_event(kind, b"tzconn", 1, 120_000, [10, 1, 2, 3])
     }
 
     fn bytes(ev: &TcpEvent) -> Vec<u8> {

@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::{
 use tokio::sync::watch;
 
 use super::{Backoff, FINAL_FLUSH, OtlpCounters, Transport, kv_str, scope, to_i64, unix_nanos};
-use crate::snapshot::{Family, FloatKind, LabelValues, Snapshot};
+use crate::snapshot::{Desc, Family, FloatKind, LabelValues, Snapshot};
 
 /// OTel names of the families whose name is not the default mapping, with UCUM units.
 /// (Prometheus name without `_total`, OTel name, unit.)
@@ -44,6 +44,36 @@ const NAMES: &[(&str, &str, &str)] = &[
     ),
     ("tanzhen_otlp_exports", "tanzhen.otlp.exports", "{request}"),
     ("tanzhen_build_info", "tanzhen.build.info", "1"),
+    ("tanzhen_series_folded", "tanzhen.series.folded", "{series}"),
+    ("tanzhen_syscalls", "tanzhen.syscalls", "{call}"),
+    ("tanzhen_syscall_errors", "tanzhen.syscall.errors", "{call}"),
+    (
+        "tanzhen_syscall_duration_seconds",
+        "tanzhen.syscall.duration",
+        "s",
+    ),
+    ("tanzhen_file_opens", "tanzhen.file.opens", "{open}"),
+    // Semantic conventions: process.context_switches with process.context_switch.type.
+    (
+        "tanzhen_sched_context_switches",
+        "process.context_switches",
+        "{context_switch}",
+    ),
+    (
+        "tanzhen_sched_runqueue_latency_seconds",
+        "tanzhen.sched.runqueue.latency",
+        "s",
+    ),
+    (
+        "tanzhen_process_execs",
+        "tanzhen.process.execs",
+        "{process}",
+    ),
+    (
+        "tanzhen_process_exits",
+        "tanzhen.process.exits",
+        "{process}",
+    ),
     ("tanzhen_probe_up", "tanzhen.probe.up", "1"),
     // The agent's own process metrics, by OTel's process semantic conventions where they
     // have a name for it.
@@ -93,9 +123,16 @@ pub fn otel_name(prom: &str) -> (String, &'static str) {
     (base.replace('_', "."), unit)
 }
 
-/// OTel attribute key of a label: semantic-convention names where one exists.
+/// OTel attribute key of a label of `family`: semantic-convention names where one exists.
 #[must_use]
-pub fn otel_attr(label: &str) -> &str {
+pub fn otel_attr<'a>(family: &str, label: &'a str) -> &'a str {
+    match (family, label) {
+        ("tanzhen_sched_context_switches", "kind") => "process.context_switch.type",
+        (_, label) => otel_attr_any(label),
+    }
+}
+
+fn otel_attr_any(label: &str) -> &str {
     match label {
         "comm" => "process.executable.name",
         "pid" | "tgid" => "process.pid",
@@ -104,11 +141,11 @@ pub fn otel_attr(label: &str) -> &str {
     }
 }
 
-fn attrs(names: &[&'static str], values: &LabelValues) -> Vec<KeyValue> {
-    names
+fn attrs(desc: &Desc, values: &LabelValues) -> Vec<KeyValue> {
+    desc.labels
         .iter()
         .zip(values)
-        .map(|(k, v)| kv_str(otel_attr(k), v.clone()))
+        .map(|(k, v)| kv_str(otel_attr(desc.name, k), v.clone()))
         .collect()
 }
 
@@ -129,7 +166,7 @@ pub fn metrics_request(
                     .snapshot()
                     .into_iter()
                     .map(|(labels, v)| NumberDataPoint {
-                        attributes: attrs(c.desc.labels, &labels),
+                        attributes: attrs(&c.desc, &labels),
                         start_time_unix_nano: start_ns,
                         time_unix_nano: now_ns,
                         value: Some(number_data_point::Value::AsInt(to_i64(v))),
@@ -153,7 +190,7 @@ pub fn metrics_request(
                     .snapshot()
                     .into_iter()
                     .map(|(labels, v)| NumberDataPoint {
-                        attributes: attrs(g.desc.labels, &labels),
+                        attributes: attrs(&g.desc, &labels),
                         time_unix_nano: now_ns,
                         value: Some(number_data_point::Value::AsInt(v)),
                         ..Default::default()
@@ -174,7 +211,7 @@ pub fn metrics_request(
                     .snapshot()
                     .into_iter()
                     .map(|(labels, v)| NumberDataPoint {
-                        attributes: attrs(f.desc.labels, &labels),
+                        attributes: attrs(&f.desc, &labels),
                         start_time_unix_nano: if f.kind == FloatKind::Counter {
                             start_ns
                         } else {
@@ -205,7 +242,7 @@ pub fn metrics_request(
                     .snapshot()
                     .into_iter()
                     .map(|(labels, d)| HistogramDataPoint {
-                        attributes: attrs(h.desc.labels, &labels),
+                        attributes: attrs(&h.desc, &labels),
                         start_time_unix_nano: start_ns,
                         time_unix_nano: now_ns,
                         count: d.count,
@@ -316,7 +353,6 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
-    use crate::snapshot::Desc;
 
     #[test]
     fn names_follow_the_table_then_the_default_rule() {
@@ -333,8 +369,19 @@ mod tests {
             ("tanzhen.syscall.latency".into(), "s")
         );
         assert_eq!(otel_name("tanzhen_x_y_total"), ("tanzhen.x.y".into(), ""));
-        assert_eq!(otel_attr("comm"), "process.executable.name");
-        assert_eq!(otel_attr("outcome"), "outcome");
+        assert_eq!(
+            otel_attr("tanzhen_tcp_connects", "comm"),
+            "process.executable.name"
+        );
+        assert_eq!(otel_attr("tanzhen_tcp_connects", "outcome"), "outcome");
+        assert_eq!(
+            otel_attr("tanzhen_sched_context_switches", "kind"),
+            "process.context_switch.type"
+        );
+        assert_eq!(
+            otel_name("tanzhen_sched_context_switches"),
+            ("process.context_switches".to_owned(), "{context_switch}")
+        );
     }
 
     #[test]

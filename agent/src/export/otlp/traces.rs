@@ -406,23 +406,7 @@ mod tests {
     use crate::snapshot::Snapshot;
 
     fn event(kind: u32) -> TcpEvent {
-        let mut comm = [0u8; 16];
-        comm[..4].copy_from_slice(b"curl");
-        TcpEvent {
-            ts_ns: 5_000_000_000,
-            latency_ns: 1_000_000,
-            cgroup_id: 0,
-            kind,
-            tgid: 42,
-            pid: 43,
-            family: agent_common::tcp::AF_INET,
-            sport: 40000,
-            dport: 80,
-            _pad: [0; 6],
-            saddr: [0; 16],
-            daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            comm,
-        }
+        crate::probe::tcp::test_event(kind, b"curl", 5_000_000_000, 1_000_000, [10, 0, 0, 1])
     }
 
     #[test]

@@ -1,0 +1,215 @@
+//! System call counts, errors and latency on the `sys_enter` / `sys_exit` raw tracepoints,
+//! aggregated in the kernel.
+//!
+//! Why these hooks: they fire for every syscall of every process, exist on 4.19 (raw
+//! tracepoints since 4.17) and need no per-syscall attach. Every syscall pays for them, so the
+//! programs do as little as possible (DESIGN.md "Performance levers"):
+//!
+//! - raw tracepoints rather than the classic `raw_syscalls:*` ones: the kernel builds no trace
+//!   record; `id` (enter) and `ret` (exit) are tracepoint arguments read straight from the
+//!   context, and the exit takes the syscall number from the thread's start slot (no `pt_regs`
+//!   read, nothing arch-specific);
+//! - calls are counted at entry in a per-CPU hash keyed by (tgid, nr) (so `clone` counts once
+//!   and `exit_group` counts at all); errors at exit, where the hash is touched only when the
+//!   call failed; the open family is counted at exit per errno (`tanzhen_file_opens_total`);
+//! - the start time and number per thread live in an LRU hash whose slot is overwritten in place
+//!   at entry and zeroed at exit, never inserted and deleted per call;
+//! - latency goes into a per-CPU array row per syscall number (log2 slots plus a ns sum).
+//!
+//! Counts are written to one of two map generations chosen by [`SYSCALL_CONFIG`]; userspace
+//! flips the generation and drains the idle one, so no increment is lost to a read/delete race.
+//! A full generation is counted in [`SYSCALL_LOST`], never silent.
+
+use agent_common::{
+    COMM_LEN,
+    syscalls::{
+        SYSCALL_COUNTS_MAX, SYSCALL_HIST_ROWS, SYSCALL_HIST_SLOTS, SYSCALL_HIST_SUM,
+        SYSCALL_LOST_MAP_FULL, SYSCALL_LOST_REASONS, SYSCALL_START_MAX, SyscallConfig,
+        SyscallHistRow, SyscallKey, SyscallStart, SyscallStat, hist_row, hist_slot, is_error,
+    },
+};
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, raw_tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::RawTracePointContext,
+};
+
+use crate::config::tgid_allowed;
+
+// Not preallocated: a preallocated per-CPU hash reserves max_entries x CPUs values up front,
+// and before 5.10 a reused preallocated element kept other CPUs' stale values.
+#[map]
+static SYSCALL_COUNTS_0: PerCpuHashMap<SyscallKey, SyscallStat> =
+    PerCpuHashMap::with_max_entries(SYSCALL_COUNTS_MAX, BPF_F_NO_PREALLOC);
+
+#[map]
+static SYSCALL_COUNTS_1: PerCpuHashMap<SyscallKey, SyscallStat> =
+    PerCpuHashMap::with_max_entries(SYSCALL_COUNTS_MAX, BPF_F_NO_PREALLOC);
+
+#[map]
+static SYSCALL_HIST: PerCpuArray<SyscallHistRow> =
+    PerCpuArray::with_max_entries(SYSCALL_HIST_ROWS, 0);
+
+#[map]
+static SYSCALL_START: LruHashMap<u32, SyscallStart> =
+    LruHashMap::with_max_entries(SYSCALL_START_MAX, 0);
+
+#[map]
+static SYSCALL_CONFIG: Array<SyscallConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+static SYSCALL_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(SYSCALL_LOST_REASONS, 0);
+
+/// Raw tracepoint `sys_enter(struct pt_regs *regs, long id)` (raw tracepoints: kernel >= 4.17):
+/// <https://elixir.bootlin.com/linux/v6.1/source/include/trace/events/syscalls.h>
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn syscalls_sys_enter(ctx: RawTracePointContext) -> i32 {
+    on_enter(&ctx);
+    0
+}
+
+/// Raw tracepoint `sys_exit(struct pt_regs *regs, long ret)`, see [`syscalls_sys_enter`].
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn syscalls_sys_exit(ctx: RawTracePointContext) -> i32 {
+    on_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_enter(ctx: &RawTracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !tgid_allowed(tgid) {
+        return;
+    }
+    let Some(cfg) = SYSCALL_CONFIG.get(0) else {
+        return;
+    };
+    let nr: i64 = ctx.arg(1);
+    if nr < 0 {
+        return;
+    }
+    let nr = nr as u32;
+    if !is_open(cfg, nr) {
+        let key = SyscallKey { tgid, nr, errno: 0 };
+        count(cfg.generation, &key, 1, 0);
+    }
+    // Last, so the measured latency leaves out our own bookkeeping.
+    let tid = pid_tgid as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    match SYSCALL_START.get_ptr_mut(&tid) {
+        Some(p) => unsafe {
+            (*p).ts_ns = now;
+            (*p).nr = nr;
+        },
+        // LRU: a full map evicts the least recently used thread instead of failing.
+        None => {
+            let v = SyscallStart {
+                ts_ns: now,
+                nr,
+                _pad: 0,
+            };
+            let _ = SYSCALL_START.insert(&tid, &v, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn on_exit(ctx: &RawTracePointContext) {
+    // First, so the measured latency leaves out our own bookkeeping.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !tgid_allowed(tgid) {
+        return;
+    }
+    let Some(cfg) = SYSCALL_CONFIG.get(0) else {
+        return;
+    };
+    let ret: i64 = ctx.arg(1);
+    let tid = pid_tgid as u32;
+    // No live start slot: the thread entered before we attached, or is a new thread returning
+    // from clone (which its parent already counted). Without it we know no syscall number.
+    let Some(p) = SYSCALL_START.get_ptr_mut(&tid) else {
+        return;
+    };
+    let (start, nr) = unsafe { ((*p).ts_ns, (*p).nr) };
+    if start == 0 {
+        return;
+    }
+    unsafe { (*p).ts_ns = 0 };
+    if now >= start {
+        record_latency(u64::from(nr), now - start);
+    }
+    let failed = is_error(ret);
+    if is_open(cfg, nr) {
+        let key = SyscallKey {
+            tgid,
+            nr,
+            errno: if failed { (-ret) as u32 } else { 0 },
+        };
+        count(cfg.generation, &key, 1, u64::from(failed));
+    } else if failed {
+        let key = SyscallKey { tgid, nr, errno: 0 };
+        count(cfg.generation, &key, 0, 1);
+    }
+}
+
+#[inline(always)]
+fn is_open(cfg: &SyscallConfig, nr: u32) -> bool {
+    nr == cfg.open_nrs[0] || nr == cfg.open_nrs[1] || nr == cfg.open_nrs[2]
+}
+
+#[inline(always)]
+fn record_latency(nr: u64, ns: u64) {
+    let Some(row) = SYSCALL_HIST.get_ptr_mut(hist_row(nr)) else {
+        return;
+    };
+    // The verifier must see the slot bounded (AYA-NOTES.md §6): `min` keeps it in the row.
+    let slot = hist_slot(ns).min(SYSCALL_HIST_SLOTS - 1);
+    unsafe {
+        let base = row.cast::<u64>();
+        *base.add(slot) += 1;
+        *base.add(SYSCALL_HIST_SUM) += ns;
+    }
+}
+
+#[inline(always)]
+fn count(generation: u32, key: &SyscallKey, calls: u64, errors: u64) {
+    if generation == 0 {
+        bump(&SYSCALL_COUNTS_0, key, calls, errors);
+    } else {
+        bump(&SYSCALL_COUNTS_1, key, calls, errors);
+    }
+}
+
+#[inline(always)]
+fn bump(map: &PerCpuHashMap<SyscallKey, SyscallStat>, key: &SyscallKey, calls: u64, errors: u64) {
+    if let Some(s) = map.get_ptr_mut(key) {
+        // Per-CPU value: no other CPU writes it, and programs do not nest on a CPU here.
+        unsafe {
+            (*s).calls += calls;
+            (*s).errors += errors;
+        }
+        return;
+    }
+    let v = SyscallStat {
+        calls,
+        errors,
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    };
+    if map.insert(key, &v, u64::from(BPF_NOEXIST)).is_ok() {
+        return;
+    }
+    // Another CPU may have inserted the key in between (EEXIST): add to our slot of it.
+    if let Some(s) = map.get_ptr_mut(key) {
+        unsafe {
+            (*s).calls += calls;
+            (*s).errors += errors;
+        }
+    } else if let Some(p) = SYSCALL_LOST.get_ptr_mut(SYSCALL_LOST_MAP_FULL) {
+        unsafe { *p += calls.max(errors) };
+    }
+}

@@ -1,0 +1,468 @@
+//! Syscalls probe end to end: forked worker processes with distinctive names (`comm`) make an
+//! exact number of syscalls, and the deltas read back from `/metrics` must match exactly.
+//!
+//! Workers are forked children (the comm label comes from `/proc/<tgid>/comm`, a per-process
+//! name) that wait for a command on a pipe, so the agent can be started with `--pid <worker>`
+//! first: that keeps the per-syscall histogram hermetic. After `fork` the child only makes raw
+//! libc calls (no allocation, no locks).
+
+use std::{
+    ffi::CString,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    thread,
+    time::Duration,
+};
+
+use crate::{Agent, Metrics, wait_for};
+
+/// A process name (at most 15 bytes) unique to this test process.
+fn comm(prefix: &str) -> String {
+    let mut s = format!("{prefix}{}", std::process::id());
+    s.truncate(15);
+    s
+}
+
+/// What a worker does when told to go.
+#[derive(Clone, Copy, Debug, Default)]
+struct Workload {
+    /// `syscall(SYS_getppid)` calls (libc cannot cache or skip them).
+    getppid: u32,
+    /// `openat` calls on a path that does not exist (ENOENT).
+    open_missing: u32,
+    /// `openat` calls on an existing file (each followed by a `close`).
+    open_existing: u32,
+    /// One TCP connect to this loopback port.
+    connect_port: Option<u16>,
+}
+
+/// A forked child named `name`, waiting for [`Worker::go`].
+struct Worker {
+    pid: libc::pid_t,
+    cmd: libc::c_int,
+    done: libc::c_int,
+}
+
+impl Worker {
+    fn spawn(name: &str, w: Workload) -> Self {
+        let cname = CString::new(name).unwrap();
+        let dir = std::env::temp_dir();
+        let existing = dir.join(format!("tanzhen-sc-{}-{name}", std::process::id()));
+        std::fs::write(&existing, b"x").unwrap();
+        let existing = CString::new(existing.to_str().unwrap()).unwrap();
+        let missing = CString::new(
+            dir.join(format!("tanzhen-sc-missing-{}", std::process::id()))
+                .to_str()
+                .unwrap(),
+        )
+        .unwrap();
+        let (mut cmd, mut done) = ([0; 2], [0; 2]);
+        // SAFETY: plain syscalls; after fork the child only makes async-signal-safe calls on
+        // memory prepared before the fork, then `_exit`s.
+        unsafe {
+            // CLOEXEC keeps the agent (spawned later) from inheriting them; other workers do
+            // inherit them (no exec), hence the explicit quit command instead of EOF.
+            assert_eq!(libc::pipe2(cmd.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            assert_eq!(libc::pipe2(done.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NAME, cname.as_ptr());
+                let mut b = 0u8;
+                if libc::read(cmd[0], (&raw mut b).cast(), 1) != 1 || b != b'g' {
+                    libc::_exit(3);
+                }
+                for _ in 0..w.getppid {
+                    libc::syscall(libc::SYS_getppid);
+                }
+                for _ in 0..w.open_missing {
+                    let fd = libc::syscall(
+                        libc::SYS_openat,
+                        libc::AT_FDCWD,
+                        missing.as_ptr(),
+                        libc::O_RDONLY | libc::O_CLOEXEC,
+                    );
+                    if fd >= 0 {
+                        libc::_exit(4);
+                    }
+                }
+                for _ in 0..w.open_existing {
+                    let fd = libc::syscall(
+                        libc::SYS_openat,
+                        libc::AT_FDCWD,
+                        existing.as_ptr(),
+                        libc::O_RDONLY | libc::O_CLOEXEC,
+                    );
+                    if fd < 0 {
+                        libc::_exit(5);
+                    }
+                    libc::close(fd as libc::c_int);
+                }
+                if let Some(port) = w.connect_port {
+                    let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    let addr = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: port.to_be(),
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    #[expect(clippy::cast_possible_truncation, reason = "16 bytes")]
+                    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                    if libc::connect(s, (&raw const addr).cast(), len) != 0 {
+                        libc::_exit(6);
+                    }
+                    libc::close(s);
+                }
+                libc::write(done[1], (&raw const b).cast(), 1);
+                libc::read(cmd[0], (&raw mut b).cast(), 1);
+                libc::_exit(0);
+            }
+            libc::close(cmd[0]);
+            libc::close(done[1]);
+            Self {
+                pid,
+                cmd: cmd[1],
+                done: done[0],
+            }
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.pid.to_string()
+    }
+
+    /// Runs the workload and waits until the worker has finished it.
+    fn go(&self) {
+        let b = b'g';
+        let mut r = 0u8;
+        // SAFETY: our own pipe fds.
+        unsafe {
+            assert_eq!(libc::write(self.cmd, (&raw const b).cast(), 1), 1);
+            assert_eq!(
+                libc::read(self.done, (&raw mut r).cast(), 1),
+                1,
+                "worker {} died during its workload (exit code 4/5/6 = unexpected open/connect result)",
+                self.pid
+            );
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // SAFETY: our own fds and child. `q` ends the worker wherever it waits.
+        unsafe {
+            let q = b'q';
+            libc::write(self.cmd, (&raw const q).cast(), 1);
+            libc::close(self.cmd);
+            libc::close(self.done);
+            let mut status = 0;
+            libc::waitpid(self.pid, &raw mut status, 0);
+        }
+    }
+}
+
+fn calls(m: &Metrics, comm: &str, syscall: &str) -> f64 {
+    m.sum(
+        "tanzhen_syscalls_total",
+        &[("comm", comm), ("syscall", syscall)],
+    )
+}
+
+fn errors(m: &Metrics, comm: &str, syscall: &str) -> f64 {
+    m.sum(
+        "tanzhen_syscall_errors_total",
+        &[("comm", comm), ("syscall", syscall)],
+    )
+}
+
+fn opens(m: &Metrics, comm: &str, result: &str) -> f64 {
+    m.sum(
+        "tanzhen_file_opens_total",
+        &[("comm", comm), ("result", result)],
+    )
+}
+
+fn hist_count(m: &Metrics, syscall: &str) -> f64 {
+    m.sum(
+        "tanzhen_syscall_duration_seconds_count",
+        &[("syscall", syscall)],
+    )
+}
+
+fn lost(m: &Metrics) -> f64 {
+    m.sum(
+        "tanzhen_events_lost_total",
+        &[("probe", "syscalls"), ("reason", "map_full")],
+    )
+}
+
+/// Whether any series of a syscalls family carries `comm`.
+fn has_comm(m: &Metrics, comm: &str) -> bool {
+    [
+        "tanzhen_syscalls_total",
+        "tanzhen_syscall_errors_total",
+        "tanzhen_file_opens_total",
+    ]
+    .iter()
+    .any(|f| {
+        m.samples(f)
+            .any(|(l, _)| l.iter().any(|(k, v)| k == "comm" && v == comm))
+    })
+}
+
+/// Waits until `cond` holds, then one more drain interval (so that "exactly" means exactly:
+/// late duplicates would show), and returns that last scrape.
+fn settle(agent: &Agent, cond: impl Fn(&Metrics) -> bool) -> Metrics {
+    let m = wait_for(agent, Duration::from_secs(30), &cond);
+    assert!(
+        cond(&m),
+        "the counts did not arrive within 30 s:\n{}\n--- agent log ---\n{}",
+        m.0,
+        agent.log_text()
+    );
+    thread::sleep(Duration::from_millis(1_500));
+    agent.scrape()
+}
+
+#[test]
+fn getppid_and_openat_are_counted_exactly() {
+    let name = comm("tzsys");
+    let other = comm("tzoth");
+    let w = Worker::spawn(
+        &name,
+        Workload {
+            getppid: 10_000,
+            open_missing: 1_000,
+            open_existing: 500,
+            connect_port: None,
+        },
+    );
+    // Same workload in a process --pid leaves out.
+    let o = Worker::spawn(
+        &other,
+        Workload {
+            getppid: 3_000,
+            open_missing: 10,
+            ..Workload::default()
+        },
+    );
+    let mut agent = Agent::start(&[
+        "--probes",
+        "syscalls",
+        "--pid",
+        &w.pid(),
+        "--interval",
+        "1s",
+    ]);
+    let before = agent.scrape();
+    w.go();
+    o.go();
+
+    let after = settle(&agent, |m| {
+        calls(m, &name, "getppid") - calls(&before, &name, "getppid") >= 10_000.0
+            && calls(m, &name, "openat") - calls(&before, &name, "openat") >= 1_500.0
+            && hist_count(m, "getppid") - hist_count(&before, "getppid") >= 10_000.0
+    });
+    let d = |f: &dyn Fn(&Metrics) -> f64| f(&after) - f(&before);
+    let ctx = || format!("\n--- scrape ---\n{}", after.0);
+    assert_eq!(
+        d(&|m| calls(m, &name, "getppid")),
+        10_000.0,
+        "getppid{}",
+        ctx()
+    );
+    assert_eq!(
+        d(&|m| errors(m, &name, "getppid")),
+        0.0,
+        "getppid errors{}",
+        ctx()
+    );
+    assert_eq!(
+        d(&|m| calls(m, &name, "openat")),
+        1_500.0,
+        "openat{}",
+        ctx()
+    );
+    assert_eq!(
+        d(&|m| errors(m, &name, "openat")),
+        1_000.0,
+        "openat errors{}",
+        ctx()
+    );
+    assert_eq!(d(&|m| opens(m, &name, "ok")), 500.0, "opens ok{}", ctx());
+    assert_eq!(
+        d(&|m| opens(m, &name, "ENOENT")),
+        1_000.0,
+        "opens ENOENT{}",
+        ctx()
+    );
+    assert_eq!(d(&|m| calls(m, &name, "close")), 500.0, "close{}", ctx());
+    assert_eq!(
+        d(&|m| hist_count(m, "getppid")),
+        10_000.0,
+        "getppid latency histogram count{}",
+        ctx()
+    );
+    let inf = after.sum(
+        "tanzhen_syscall_duration_seconds_bucket",
+        &[("syscall", "getppid"), ("le", "+Inf")],
+    );
+    assert_eq!(inf, hist_count(&after, "getppid"), "+Inf bucket = count");
+    let sum = after.sum(
+        "tanzhen_syscall_duration_seconds_sum",
+        &[("syscall", "getppid")],
+    );
+    assert!(
+        sum > 0.0 && sum < 10_000.0 * 1e-3,
+        "10,000 getppid calls took {sum} s in total"
+    );
+    assert!(
+        !has_comm(&after, &other),
+        "--pid let {other} through{}",
+        ctx()
+    );
+    assert_eq!(lost(&after), 0.0, "nothing lost{}", ctx());
+    assert_eq!(after.sum("tanzhen_probe_up", &[("probe", "syscalls")]), 1.0);
+    crate::tcp::promtool_accepts(&after);
+    assert_eq!(
+        agent.stop(),
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn pid_filter_applies_to_tcp_too() {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (inside, outside) = (comm("tzpin"), comm("tzpout"));
+    let job = Workload {
+        getppid: 100,
+        connect_port: Some(port),
+        ..Workload::default()
+    };
+    let a = Worker::spawn(&inside, job);
+    let b = Worker::spawn(&outside, job);
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp,syscalls",
+        "--pid",
+        &a.pid(),
+        "--interval",
+        "1s",
+    ]);
+    a.go();
+    b.go();
+    // And one connect from this (test) process itself.
+    let me: SocketAddr = (Ipv4Addr::LOCALHOST, port).into();
+    drop(std::net::TcpStream::connect(me).unwrap());
+
+    let est = |m: &Metrics, c: &str| {
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", c), ("outcome", "established")],
+        )
+    };
+    let after = settle(&agent, |m| {
+        est(m, &inside) >= 1.0 && calls(m, &inside, "getppid") >= 100.0
+    });
+    assert_eq!(est(&after, &inside), 1.0, "{}", after.0);
+    assert_eq!(calls(&after, &inside, "getppid"), 100.0, "{}", after.0);
+    assert_eq!(calls(&after, &inside, "connect"), 1.0, "{}", after.0);
+    let tcp_total = after.sum("tanzhen_tcp_connects_total", &[]);
+    assert_eq!(
+        tcp_total, 1.0,
+        "only the --pid process's connect\n{}",
+        after.0
+    );
+    assert!(!has_comm(&after, &outside), "{}", after.0);
+    let comms: Vec<String> = after
+        .samples("tanzhen_syscalls_total")
+        .filter_map(|(l, _)| l.into_iter().find(|(k, _)| k == "comm").map(|(_, v)| v))
+        .collect();
+    assert!(comms.iter().all(|c| *c == inside), "{comms:?}");
+}
+
+#[test]
+fn comm_filter_keeps_only_matching_processes() {
+    let (keep, drop_) = (comm("tzcfk"), comm("tzcfd"));
+    let job = Workload {
+        getppid: 1_000,
+        open_missing: 7,
+        ..Workload::default()
+    };
+    let a = Worker::spawn(&keep, job);
+    let b = Worker::spawn(&drop_, job);
+    let re = format!("^{keep}$");
+    let agent = Agent::start(&[
+        "--probes",
+        "syscalls",
+        "--syscalls-comm-filter",
+        &re,
+        "--interval",
+        "1s",
+    ]);
+    a.go();
+    b.go();
+    let after = settle(&agent, |m| calls(m, &keep, "getppid") >= 1_000.0);
+    assert_eq!(calls(&after, &keep, "getppid"), 1_000.0, "{}", after.0);
+    assert_eq!(opens(&after, &keep, "ENOENT"), 7.0, "{}", after.0);
+    assert!(!has_comm(&after, &drop_), "{}", after.0);
+    let others: Vec<String> = after
+        .samples("tanzhen_syscalls_total")
+        .filter_map(|(l, _)| l.into_iter().find(|(k, _)| k == "comm").map(|(_, v)| v))
+        .filter(|c| *c != keep)
+        .collect();
+    assert!(others.is_empty(), "only {keep} may appear: {others:?}");
+}
+
+#[test]
+fn full_count_map_is_counted_as_lost() {
+    let name = comm("tzfull");
+    let w = Worker::spawn(
+        &name,
+        Workload {
+            getppid: 1_000,
+            open_missing: 1_000,
+            open_existing: 500,
+            connect_port: None,
+        },
+    );
+    // Two keys per generation: the worker needs at least four (getppid, openat ok, openat
+    // ENOENT, close), so inserts must fail and be counted.
+    let agent = Agent::start(&[
+        "--probes",
+        "syscalls",
+        "--pid",
+        &w.pid(),
+        "--interval",
+        "1s",
+        "--syscalls-map-entries",
+        "2",
+    ]);
+    let before = agent.scrape();
+    w.go();
+    let counted = |m: &Metrics| {
+        m.samples("tanzhen_syscalls_total")
+            .filter(|(l, _)| l.iter().any(|(k, v)| k == "comm" && *v == name))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let accounted = |m: &Metrics| counted(m) + lost(m) - counted(&before) - lost(&before);
+    // 1,000 getppid + 1,500 openat + 500 close, plus a few pipe reads/writes.
+    let after = settle(&agent, |m| accounted(m) >= 3_000.0);
+    assert!(
+        lost(&after) - lost(&before) > 0.0,
+        "a 2-entry map must overflow\n{}",
+        after.0
+    );
+    let a = accounted(&after);
+    assert!(
+        (3_000.0..=3_010.0).contains(&a),
+        "counted + lost = {a}: every call is either counted or lost\n{}",
+        after.0
+    );
+}
