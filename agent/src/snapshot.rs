@@ -2,6 +2,8 @@
 //! OTLP later) only read and translate it, and never touch aya.
 //!
 //! A family is a metric name, help text, label names and its series keyed by label values.
+//! Values the agent samples on demand (its own `process_*` metrics) are refreshed by read hooks
+//! that run before each read of the families, so both exporters see the same fresh numbers.
 //! Counters and histograms are monotonic and owned here (kernel maps are drained into them).
 //!
 //! Cardinality is bounded: each family holds at most `max_series` label sets; new ones past the
