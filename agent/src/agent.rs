@@ -112,6 +112,7 @@ async fn run_async(
         .map_err(|e| fatal(&e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| fatal(&e))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| fatal(&e))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| fatal(&e))?;
 
     let uname = kernel::uname();
     let ttl = (!args.series_ttl.is_zero()).then_some(args.series_ttl);
@@ -226,11 +227,22 @@ async fn run_async(
         attached.join(",")
     );
 
-    tokio::select! {
-        _ = sigint.recv() => log::info!("SIGINT: detaching probes"),
-        _ = sigterm.recv() => log::info!("SIGTERM: detaching probes"),
-        Some(res) = tasks.join_next() => {
-            log::error!("a probe stopped unexpectedly: {res:?}");
+    let mut running = args.clone();
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => {
+                log::info!("SIGINT: detaching probes");
+                break;
+            }
+            _ = sigterm.recv() => {
+                log::info!("SIGTERM: detaching probes");
+                break;
+            }
+            _ = sighup.recv() => reload(&mut running),
+            Some(res) = tasks.join_next() => {
+                log::error!("a probe stopped unexpectedly: {res:?}");
+                break;
+            }
         }
     }
     // Detach first (dropping Ebpf drops the links), then let the drain tasks flush what the
@@ -258,6 +270,84 @@ async fn run_async(
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: re-reads the configuration file; applies the log level, logs one line per other
+/// change (they take effect at the next start). An invalid file changes nothing.
+fn reload(running: &mut RunArgs) {
+    let Some(path) = running.file.config.clone() else {
+        log::warn!("SIGHUP: no --config file to reload");
+        return;
+    };
+    let path = path.display();
+    let new = match crate::cli::Cli::reload_run_args() {
+        Ok(new) => new,
+        Err(e) => {
+            log::error!("SIGHUP: {e}; keeping the running configuration");
+            return;
+        }
+    };
+    let changes = reload_changes(running, &new);
+    if changes.is_empty() {
+        log::info!("SIGHUP: reloaded {path}: no changes");
+    }
+    for change in &changes {
+        log::info!("SIGHUP: reloaded {path}: {change}");
+    }
+    if new.log_level != running.log_level {
+        log::set_max_level(new.log_level.into());
+        running.log_level = new.log_level;
+    }
+    log::debug!("SIGHUP: log level now {:?}", running.log_level);
+}
+
+/// One line per setting that differs between `old` and `new` (values of secrets are not shown).
+fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
+    let restart = "takes effect at the next start";
+    let names =
+        |p: &crate::probe::ProbeList| p.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
+    let mut out = Vec::new();
+    let mut diff = |key: &str, a: String, b: String, applied: bool| {
+        if a != b {
+            let when = if applied { "applied" } else { restart };
+            out.push(format!("{key} {a} -> {b} ({when})"));
+        }
+    };
+    diff(
+        "log_level",
+        format!("{:?}", old.log_level).to_lowercase(),
+        format!("{:?}", new.log_level).to_lowercase(),
+        true,
+    );
+    diff("probes", names(&old.probes), names(&new.probes), false);
+    diff(
+        "listen",
+        format!("{:?}", old.listen.0),
+        format!("{:?}", new.listen.0),
+        false,
+    );
+    diff(
+        "interval",
+        format!("{:?}", old.interval),
+        format!("{:?}", new.interval),
+        false,
+    );
+    diff(
+        "max_series_per_metric",
+        old.max_series_per_metric.to_string(),
+        new.max_series_per_metric.to_string(),
+        false,
+    );
+    diff(
+        "series_ttl",
+        format!("{:?}", old.series_ttl),
+        format!("{:?}", new.series_ttl),
+        false,
+    );
+    if format!("{:?}", old.otlp) != format!("{:?}", new.otlp) {
+        out.push(format!("otlp settings changed ({restart})"));
+    }
+    out
 }
 
 /// Adds the usual fix to errors whose cause is common.

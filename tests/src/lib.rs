@@ -15,6 +15,8 @@ use std::{
 #[cfg(test)]
 mod cli;
 #[cfg(test)]
+mod config;
+#[cfg(test)]
 mod otlp;
 #[cfg(test)]
 mod sched;
@@ -67,6 +69,17 @@ impl Agent {
     /// [`Agent::start`] with extra environment variables.
     #[must_use]
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(args, env, &["--log-level", "debug"])
+    }
+
+    /// [`Agent::start`] without `--log-level debug` (the log level comes from `args`, a
+    /// configuration file or the default).
+    #[must_use]
+    pub fn start_with_own_log_level(args: &[&str]) -> Self {
+        Self::spawn(args, &[], &[])
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
         require_root();
         let bin = tanzhen_bin();
         assert!(
@@ -84,7 +97,8 @@ impl Agent {
         let child = Command::new(&bin)
             .arg("run")
             .args(args)
-            .args(["--listen", &addr.to_string(), "--log-level", "debug"])
+            .args(["--listen", &addr.to_string()])
+            .args(log_args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
