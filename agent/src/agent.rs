@@ -90,6 +90,7 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         );
         return Ok(());
     }
+    crate::caps::check().map_err(RunError::Fatal)?;
     let listener = args.listen.0.map(bind).transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,6 +1,7 @@
 //! `tanzhen`: parse the command line, set up logging, dispatch.
 
 mod agent;
+mod caps;
 mod check;
 mod cli;
 mod config;

@@ -13,6 +13,8 @@ use std::{
 };
 
 #[cfg(test)]
+mod caps;
+#[cfg(test)]
 mod cli;
 #[cfg(test)]
 mod config;
@@ -79,7 +81,17 @@ impl Agent {
         Self::spawn(args, &[], &[])
     }
 
+    /// [`Agent::start`] under a wrapper command, e.g. `["setpriv", "--bounding-set=-bpf"]`.
+    #[must_use]
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        Self::spawn_in(wrapper, args, &[], &["--log-level", "debug"])
+    }
+
     fn spawn(args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
+        Self::spawn_in(&[], args, env, log_args)
+    }
+
+    fn spawn_in(wrapper: &[&str], args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
         require_root();
         let bin = tanzhen_bin();
         assert!(
@@ -94,7 +106,15 @@ impl Agent {
             addr.port()
         ));
         let log_file = std::fs::File::create(&log).expect("create agent log");
-        let child = Command::new(&bin)
+        let mut cmd = match wrapper {
+            [] => Command::new(&bin),
+            [prog, rest @ ..] => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(&bin);
+                c
+            }
+        };
+        let child = cmd
             .arg("run")
             .args(args)
             .args(["--listen", &addr.to_string()])
