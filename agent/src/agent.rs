@@ -90,6 +90,12 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         );
         return Ok(());
     }
+    let security = server::Security::load(&args.http).map_err(RunError::Usage)?;
+    if security.tls.is_some() && args.listen.0.is_none() {
+        return Err(RunError::Usage(
+            "--tls-cert with --listen none: there is no endpoint to secure".into(),
+        ));
+    }
     crate::caps::check().map_err(RunError::Fatal)?;
     let listener = args.listen.0.map(bind).transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -98,13 +104,14 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(|e| RunError::Fatal(format!("starting the runtime: {e}")))?;
-    rt.block_on(run_async(args, listener, otlp))
+    rt.block_on(run_async(args, listener, otlp, security))
 }
 
 async fn run_async(
     args: &RunArgs,
     listener: Option<std::net::TcpListener>,
     otlp: Option<OtlpConfig>,
+    security: server::Security,
 ) -> Result<(), RunError> {
     let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
     let listener = listener
@@ -216,8 +223,26 @@ async fn run_async(
     let (server, serving) = match listener {
         Some(listener) => {
             let addr = listener.local_addr().map_err(|e| fatal(&e))?;
-            let server = tokio::spawn(server::serve(listener, snapshot.clone(), stop_rx.clone()));
-            (Some(server), format!("metrics at http://{addr}/metrics"))
+            let scheme = if security.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let auth = if security.auth() {
+                " (bearer token required)"
+            } else {
+                ""
+            };
+            let server = tokio::spawn(server::serve(
+                listener,
+                snapshot.clone(),
+                stop_rx.clone(),
+                security,
+            ));
+            (
+                Some(server),
+                format!("metrics at {scheme}://{addr}/metrics{auth}"),
+            )
         }
         None => (None, "no HTTP endpoint (--listen none)".to_owned()),
     };

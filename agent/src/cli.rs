@@ -84,6 +84,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub file: crate::config::ConfigArgs,
+
+    #[command(flatten)]
+    pub http: crate::server::HttpArgs,
 }
 
 /// Log verbosity levels.

@@ -23,6 +23,8 @@ mod otlp;
 #[cfg(test)]
 mod sched;
 #[cfg(test)]
+mod server;
+#[cfg(test)]
 mod tcp;
 
 /// Path of the binary under test: `$TANZHEN_BIN`, else `target/debug/tanzhen`.
