@@ -6,6 +6,8 @@ mod check;
 mod cli;
 mod config;
 mod export;
+#[cfg(test)]
+mod hostile;
 mod kernel;
 mod loader;
 #[cfg_attr(
