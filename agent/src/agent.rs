@@ -170,35 +170,17 @@ async fn run_async(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let ctx = ProbeCtx {
+        tracefs: tracefs.path.clone(),
+        snapshot: snapshot.clone(),
+        loss: loss.clone(),
+        sink: span_sink.clone(),
+        interval: args.interval,
+    };
+    let mut live = LiveProbes::default();
     let mut attached = Vec::new();
     for &kind in args.probes.iter() {
-        let res = match kind {
-            ProbeKind::Tcp => TcpProbe::attach(
-                &mut ebpf,
-                &tracefs.path,
-                &snapshot,
-                loss.clone(),
-                span_sink.clone(),
-            )
-            .map(|p| {
-                tasks.spawn(p.run(stop_rx.clone()));
-            }),
-            ProbeKind::Sched => SchedProbe::attach(
-                &mut ebpf,
-                &tracefs.path,
-                &snapshot,
-                loss.clone(),
-                args.interval,
-            )
-            .map(|p| {
-                tasks.spawn(p.run(stop_rx.clone()));
-            }),
-            ProbeKind::Syscalls => Err(ProbeError::Unsupported {
-                probe: kind.name(),
-                reason: "not built into this version".into(),
-            }),
-        };
-        match res {
+        match live.start(kind, &mut ebpf, &ctx, &mut tasks) {
             Ok(()) => {
                 probe_up.set(&[kind.name()], 1);
                 loss.decode_errors.inc_by(&[kind.name()], 0);
@@ -264,8 +246,23 @@ async fn run_async(
                 log::info!("SIGTERM: detaching probes");
                 break;
             }
-            _ = sighup.recv() => reload(&mut running),
-            Some(res) = tasks.join_next() => {
+            _ = sighup.recv() => {
+                if let Some(new) = reload(&mut running) {
+                    apply_probes(&new, &mut running, &mut live, &mut ebpf, &ctx, &mut tasks, &probe_up);
+                }
+            }
+            Some(res) = tasks.join_next_with_id() => {
+                let id = match &res {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                };
+                if let Some(kind) = live.detached.remove(&id) {
+                    match res {
+                        Ok((_, Ok(()))) => log::info!("probe `{kind}` detached and drained"),
+                        other => log::error!("probe `{kind}` while detaching: {other:?}"),
+                    }
+                    continue;
+                }
                 log::error!("a probe stopped unexpectedly: {res:?}");
                 break;
             }
@@ -274,6 +271,7 @@ async fn run_async(
     // Detach first (dropping Ebpf drops the links), then let the drain tasks flush what the
     // kernel already submitted, then stop serving.
     drop(ebpf);
+    live.stop_all();
     let _ = stop_tx.send(true);
     while let Some(res) = tasks.join_next().await {
         match res {
@@ -300,17 +298,17 @@ async fn run_async(
 
 /// SIGHUP: re-reads the configuration file; applies the log level, logs one line per other
 /// change (they take effect at the next start). An invalid file changes nothing.
-fn reload(running: &mut RunArgs) {
+fn reload(running: &mut RunArgs) -> Option<RunArgs> {
     let Some(path) = running.file.config.clone() else {
         log::warn!("SIGHUP: no --config file to reload");
-        return;
+        return None;
     };
     let path = path.display();
     let new = match crate::cli::Cli::reload_run_args() {
         Ok(new) => new,
         Err(e) => {
             log::error!("SIGHUP: {e}; keeping the running configuration");
-            return;
+            return None;
         }
     };
     let changes = reload_changes(running, &new);
@@ -325,6 +323,159 @@ fn reload(running: &mut RunArgs) {
         running.log_level = new.log_level;
     }
     log::debug!("SIGHUP: log level now {:?}", running.log_level);
+    Some(new)
+}
+
+/// What attaching a probe needs besides the `Ebpf` object.
+struct ProbeCtx {
+    tracefs: std::path::PathBuf,
+    snapshot: Arc<Snapshot>,
+    loss: LossCounters,
+    sink: Option<Arc<dyn ConnectSink>>,
+    interval: std::time::Duration,
+}
+
+type ProbeTasks = tokio::task::JoinSet<Result<(), ProbeError>>;
+
+/// The attached probes, each with its own stop signal so one can be detached at runtime.
+#[derive(Default)]
+struct LiveProbes {
+    running: Vec<(ProbeKind, watch::Sender<bool>, tokio::task::Id)>,
+    /// Probes detached at runtime: their kernel maps went with their drain task, so attaching
+    /// them again needs a restart.
+    removed: Vec<ProbeKind>,
+    /// Drain tasks told to stop, whose end is expected.
+    detached: std::collections::HashMap<tokio::task::Id, ProbeKind>,
+}
+
+impl LiveProbes {
+    /// Loads and attaches `kind` and spawns its drain task.
+    fn start(
+        &mut self,
+        kind: ProbeKind,
+        ebpf: &mut aya::Ebpf,
+        ctx: &ProbeCtx,
+        tasks: &mut ProbeTasks,
+    ) -> Result<(), ProbeError> {
+        if self.removed.contains(&kind) {
+            return Err(ProbeError::Unsupported {
+                probe: kind.name(),
+                reason: "it was detached earlier in this run; restart tanzhen to attach it again"
+                    .into(),
+            });
+        }
+        let (tx, rx) = watch::channel(false);
+        let handle = match kind {
+            ProbeKind::Tcp => {
+                let p = TcpProbe::attach(
+                    ebpf,
+                    &ctx.tracefs,
+                    &ctx.snapshot,
+                    ctx.loss.clone(),
+                    ctx.sink.clone(),
+                )?;
+                tasks.spawn(p.run(rx))
+            }
+            ProbeKind::Sched => {
+                let p = SchedProbe::attach(
+                    ebpf,
+                    &ctx.tracefs,
+                    &ctx.snapshot,
+                    ctx.loss.clone(),
+                    ctx.interval,
+                )?;
+                tasks.spawn(p.run(rx))
+            }
+            ProbeKind::Syscalls => {
+                return Err(ProbeError::Unsupported {
+                    probe: kind.name(),
+                    reason: "not built into this version".into(),
+                });
+            }
+        };
+        self.running.push((kind, tx, handle.id()));
+        Ok(())
+    }
+
+    /// Detaches `kind`'s programs, then tells its drain task to flush and stop. Its metrics
+    /// stay in the snapshot; the other probes are untouched.
+    fn stop(&mut self, kind: ProbeKind, ebpf: &mut aya::Ebpf) -> Result<(), String> {
+        let Some(i) = self.running.iter().position(|(k, ..)| *k == kind) else {
+            return Ok(());
+        };
+        for name in programs(kind) {
+            if let Some(prog) = ebpf.program_mut(name) {
+                let tp: &mut aya::programs::TracePoint =
+                    prog.try_into().map_err(|e| format!("{name}: {e}"))?;
+                tp.unload().map_err(|e| format!("unloading {name}: {e}"))?;
+            }
+        }
+        let (_, tx, id) = self.running.remove(i);
+        self.detached.insert(id, kind);
+        self.removed.push(kind);
+        let _ = tx.send(true);
+        Ok(())
+    }
+
+    fn stop_all(&mut self) {
+        for (_, tx, _) in self.running.drain(..) {
+            let _ = tx.send(true);
+        }
+    }
+
+    fn kinds(&self) -> Vec<ProbeKind> {
+        self.running.iter().map(|(k, ..)| *k).collect()
+    }
+}
+
+/// The kernel programs of a probe.
+fn programs(kind: ProbeKind) -> &'static [&'static str] {
+    match kind {
+        ProbeKind::Tcp => crate::probe::tcp::PROGRAMS,
+        ProbeKind::Sched => &crate::probe::sched::HOOKS,
+        ProbeKind::Syscalls => &[],
+    }
+}
+
+/// SIGHUP with a different probe set: attaches the new probes and detaches the dropped ones.
+fn apply_probes(
+    new: &RunArgs,
+    running: &mut RunArgs,
+    live: &mut LiveProbes,
+    ebpf: &mut aya::Ebpf,
+    ctx: &ProbeCtx,
+    tasks: &mut ProbeTasks,
+    probe_up: &crate::snapshot::GaugeVec,
+) {
+    let want: Vec<ProbeKind> = new.probes.iter().copied().collect();
+    for kind in live.kinds() {
+        if !want.contains(&kind) {
+            match live.stop(kind, ebpf) {
+                Ok(()) => {
+                    probe_up.set(&[kind.name()], 0);
+                    log::info!("SIGHUP: probe `{kind}` detached");
+                }
+                Err(e) => log::error!("SIGHUP: detaching probe `{kind}`: {e}"),
+            }
+        }
+    }
+    for &kind in &want {
+        if live.kinds().contains(&kind) {
+            continue;
+        }
+        match live.start(kind, ebpf, ctx, tasks) {
+            Ok(()) => {
+                probe_up.set(&[kind.name()], 1);
+                ctx.loss.decode_errors.inc_by(&[kind.name()], 0);
+                log::info!("SIGHUP: probe `{kind}` attached");
+            }
+            Err(e) => {
+                probe_up.set(&[kind.name()], 0);
+                log::error!("SIGHUP: probe `{kind}` failed to attach: {}", hint(&e));
+            }
+        }
+    }
+    running.probes = new.probes.clone();
 }
 
 /// One line per setting that differs between `old` and `new` (values of secrets are not shown).
@@ -345,7 +496,7 @@ fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
         format!("{:?}", new.log_level).to_lowercase(),
         true,
     );
-    diff("probes", names(&old.probes), names(&new.probes), false);
+    diff("probes", names(&old.probes), names(&new.probes), true);
     diff(
         "listen",
         format!("{:?}", old.listen.0),

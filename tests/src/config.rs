@@ -217,18 +217,107 @@ fn sighup_applies_the_log_level_and_keeps_running_on_a_bad_file() {
     );
 
     // Changes that need a restart are named as such; back to info stops debug lines.
-    file.write("probes = [\"tcp\", \"sched\"]\nlog_level = \"info\"\n");
+    file.write("probes = [\"tcp\"]\nlog_level = \"info\"\nseries_ttl = \"1h\"\n");
     sighup(&agent);
     let log = wait_log(&agent, "log_level debug -> info (applied)");
     assert!(
-        log.contains("probes tcp -> tcp,sched (takes effect at the next start)"),
+        log.contains("series_ttl 600s -> 3600s (takes effect at the next start)"),
         "{log}"
     );
     let debug_lines = log.matches("DEBUG").count();
     file.write("probes = [\"tcp\"]\nlog_level = \"info\"\n");
     sighup(&agent);
-    // Compared with what runs (tcp only), this file changes nothing.
+    // Compared with what runs, the TTL change was not applied: this file changes nothing.
     let log = wait_log(&agent, "no changes");
     assert_eq!(log.matches("DEBUG").count(), debug_lines, "{log}");
     assert!(Path::new(file.path()).exists());
+}
+
+/// `n` refused connects to a closed loopback port from a thread named `comm`.
+fn refused_connects(comm: &str, n: usize) {
+    let closed: std::net::SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
+    std::thread::Builder::new()
+        .name(comm.to_owned())
+        .spawn(move || {
+            for _ in 0..n {
+                assert!(std::net::TcpStream::connect(closed).is_err());
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+/// Open attachments of `pid`: one BPF link per attached tracepoint (a perf event fd on kernels
+/// without perf links).
+fn perf_events(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| {
+            let l = l.to_string_lossy();
+            l == "anon_inode:bpf_link" || l == "anon_inode:[perf_event]"
+        })
+        .count()
+}
+
+#[test]
+fn sighup_attaches_and_detaches_probes_keeping_counters() {
+    let file = TempFile::new("probes.toml", "probes = [\"tcp\"]\n");
+    let agent = Agent::start(&["--config", file.path()]);
+    let mut comm = format!("tzhup{}", std::process::id());
+    comm.truncate(15);
+    let failed = |m: &crate::Metrics| {
+        m.sum(
+            "tanzhen_tcp_connects_total",
+            &[("comm", &comm), ("outcome", "failed")],
+        )
+    };
+    let switches = |m: &crate::Metrics| m.sum("tanzhen_sched_context_switches_total", &[]);
+    refused_connects(&comm, 7);
+    let m = crate::wait_for(&agent, Duration::from_secs(20), |m| failed(m) >= 7.0);
+    assert_eq!(failed(&m), 7.0);
+    assert_eq!(m.samples("tanzhen_probe_up").count(), 1, "{}", m.0);
+
+    // Add sched at runtime: it attaches and counts; tcp keeps its counts and keeps counting.
+    file.write("probes = [\"tcp\", \"sched\"]\n");
+    sighup(&agent);
+    wait_log(&agent, "SIGHUP: probe `sched` attached");
+    let m = crate::wait_for(&agent, Duration::from_secs(30), |m| switches(m) > 0.0);
+    assert_eq!(m.sum("tanzhen_probe_up", &[("probe", "sched")]), 1.0);
+    assert!(switches(&m) > 0.0, "sched counts nothing:\n{}", m.0);
+    refused_connects(&comm, 3);
+    let m = crate::wait_for(&agent, Duration::from_secs(20), |m| failed(m) >= 10.0);
+    assert_eq!(failed(&m), 10.0);
+
+    assert_eq!(
+        perf_events(agent.pid()),
+        6,
+        "tcp's 1 tracepoint + sched's 5"
+    );
+
+    // Drop tcp: its programs are unloaded, its counts stay exported and stop moving; sched
+    // goes on.
+    file.write("probes = [\"sched\"]\n");
+    sighup(&agent);
+    wait_log(&agent, "probe `tcp` detached and drained");
+    refused_connects(&comm, 5);
+    let before = switches(&agent.scrape());
+    let m = crate::wait_for(&agent, Duration::from_secs(30), |m| switches(m) > before);
+    assert!(switches(&m) > before, "sched stopped counting");
+    assert_eq!(failed(&m), 10.0, "a detached probe counted");
+    assert_eq!(m.sum("tanzhen_probe_up", &[("probe", "tcp")]), 0.0);
+    // The tracepoint's link is closed: sched's five remain.
+    assert_eq!(perf_events(agent.pid()), 5);
+
+    // Attaching it again in the same run is refused with the fix; the agent keeps running.
+    file.write("probes = [\"sched\", \"tcp\"]\n");
+    sighup(&agent);
+    wait_log(&agent, "restart tanzhen to attach it again");
+    assert_eq!(
+        agent
+            .scrape()
+            .sum("tanzhen_probe_up", &[("probe", "sched")]),
+        1.0
+    );
 }
