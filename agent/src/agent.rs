@@ -524,6 +524,10 @@ fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
     if format!("{:?}", old.otlp) != format!("{:?}", new.otlp) {
         out.push(format!("otlp settings changed ({restart})"));
     }
+    // Paths only; the token file's content is read at start.
+    if format!("{:?}", old.http) != format!("{:?}", new.http) {
+        out.push(format!("tls/auth settings changed ({restart})"));
+    }
     out
 }
 
@@ -534,5 +538,50 @@ fn hint(e: &ProbeError) -> String {
         format!("{s} (run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)")
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn args(v: &[&str]) -> RunArgs {
+        let mut argv = vec!["tanzhen", "run"];
+        argv.extend_from_slice(v);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_line_per_change_without_secrets() {
+        let old = args(&["--probes", "tcp"]);
+        assert!(reload_changes(&old, &old).is_empty());
+        let new = args(&[
+            "--probes",
+            "tcp,sched",
+            "--log-level",
+            "debug",
+            "--series-ttl",
+            "1h",
+            "--otlp-header",
+            "authorization=Bearer s3cret",
+            "--auth-token-file",
+            "/etc/tanzhen/token",
+        ]);
+        assert_eq!(
+            reload_changes(&old, &new),
+            [
+                "log_level info -> debug (applied)",
+                "probes tcp -> tcp,sched (applied)",
+                "series_ttl 600s -> 3600s (takes effect at the next start)",
+                "otlp settings changed (takes effect at the next start)",
+                "tls/auth settings changed (takes effect at the next start)",
+            ]
+        );
     }
 }
