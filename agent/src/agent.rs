@@ -91,6 +91,13 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         );
         return Ok(());
     }
+    let security = server::Security::load(&args.http).map_err(RunError::Usage)?;
+    if security.tls.is_some() && args.listen.0.is_none() {
+        return Err(RunError::Usage(
+            "--tls-cert with --listen none: there is no endpoint to secure".into(),
+        ));
+    }
+    crate::caps::check().map_err(RunError::Fatal)?;
     let listener = args.listen.0.map(bind).transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -98,13 +105,14 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(|e| RunError::Fatal(format!("starting the runtime: {e}")))?;
-    rt.block_on(run_async(args, listener, otlp))
+    rt.block_on(run_async(args, listener, otlp, security))
 }
 
 async fn run_async(
     args: &RunArgs,
     listener: Option<std::net::TcpListener>,
     otlp: Option<OtlpConfig>,
+    security: server::Security,
 ) -> Result<(), RunError> {
     let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
     let listener = listener
@@ -113,6 +121,7 @@ async fn run_async(
         .map_err(|e| fatal(&e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| fatal(&e))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| fatal(&e))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| fatal(&e))?;
 
     let uname = kernel::uname();
     let ttl = (!args.series_ttl.is_zero()).then_some(args.series_ttl);
@@ -185,44 +194,21 @@ async fn run_async(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let ctx = ProbeCtx {
+        tracefs: tracefs.path.clone(),
+        snapshot: snapshot.clone(),
+        loss: loss.clone(),
+        sink: span_sink.clone(),
+        interval: args.interval,
+        syscalls: SyscallsOptions {
+            interval: args.interval,
+            comm_filter: args.syscalls_comm_filter.clone(),
+        },
+    };
+    let mut live = LiveProbes::default();
     let mut attached = Vec::new();
     for &kind in args.probes.iter() {
-        let res = match kind {
-            ProbeKind::Tcp => TcpProbe::attach(
-                &mut ebpf,
-                &tracefs.path,
-                &snapshot,
-                loss.clone(),
-                span_sink.clone(),
-            )
-            .map(|p| {
-                tasks.spawn(p.run(stop_rx.clone()));
-            }),
-            ProbeKind::Syscalls => SyscallsProbe::attach(
-                &mut ebpf,
-                &tracefs.path,
-                &snapshot,
-                loss.clone(),
-                SyscallsOptions {
-                    interval: args.interval,
-                    comm_filter: args.syscalls_comm_filter.clone(),
-                },
-            )
-            .map(|p| {
-                tasks.spawn(p.run(stop_rx.clone()));
-            }),
-            ProbeKind::Sched => SchedProbe::attach(
-                &mut ebpf,
-                &tracefs.path,
-                &snapshot,
-                loss.clone(),
-                args.interval,
-            )
-            .map(|p| {
-                tasks.spawn(p.run(stop_rx.clone()));
-            }),
-        };
-        match res {
+        match live.start(kind, &mut ebpf, &ctx, &mut tasks) {
             Ok(()) => {
                 probe_up.set(&[kind.name()], 1);
                 loss.decode_errors.inc_by(&[kind.name()], 0);
@@ -247,8 +233,26 @@ async fn run_async(
     let (server, serving) = match listener {
         Some(listener) => {
             let addr = listener.local_addr().map_err(|e| fatal(&e))?;
-            let server = tokio::spawn(server::serve(listener, snapshot.clone(), stop_rx.clone()));
-            (Some(server), format!("metrics at http://{addr}/metrics"))
+            let scheme = if security.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let auth = if security.auth() {
+                " (bearer token required)"
+            } else {
+                ""
+            };
+            let server = tokio::spawn(server::serve(
+                listener,
+                snapshot.clone(),
+                stop_rx.clone(),
+                security,
+            ));
+            (
+                Some(server),
+                format!("metrics at {scheme}://{addr}/metrics{auth}"),
+            )
         }
         None => (None, "no HTTP endpoint (--listen none)".to_owned()),
     };
@@ -259,16 +263,43 @@ async fn run_async(
         attached.join(",")
     );
 
-    tokio::select! {
-        _ = sigint.recv() => log::info!("SIGINT: detaching probes"),
-        _ = sigterm.recv() => log::info!("SIGTERM: detaching probes"),
-        Some(res) = tasks.join_next() => {
-            log::error!("a probe stopped unexpectedly: {res:?}");
+    let mut running = args.clone();
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => {
+                log::info!("SIGINT: detaching probes");
+                break;
+            }
+            _ = sigterm.recv() => {
+                log::info!("SIGTERM: detaching probes");
+                break;
+            }
+            _ = sighup.recv() => {
+                if let Some(new) = reload(&mut running) {
+                    apply_probes(&new, &mut running, &mut live, &mut ebpf, &ctx, &mut tasks, &probe_up);
+                }
+            }
+            Some(res) = tasks.join_next_with_id() => {
+                let id = match &res {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                };
+                if let Some(kind) = live.detached.remove(&id) {
+                    match res {
+                        Ok((_, Ok(()))) => log::info!("probe `{kind}` detached and drained"),
+                        other => log::error!("probe `{kind}` while detaching: {other:?}"),
+                    }
+                    continue;
+                }
+                log::error!("a probe stopped unexpectedly: {res:?}");
+                break;
+            }
         }
     }
     // Detach first (dropping Ebpf drops the links), then let the drain tasks flush what the
     // kernel already submitted, then stop serving.
     drop(ebpf);
+    live.stop_all();
     let _ = stop_tx.send(true);
     while let Some(res) = tasks.join_next().await {
         match res {
@@ -293,6 +324,248 @@ async fn run_async(
     Ok(())
 }
 
+/// SIGHUP: re-reads the configuration file; applies the log level, logs one line per other
+/// change (they take effect at the next start). An invalid file changes nothing.
+fn reload(running: &mut RunArgs) -> Option<RunArgs> {
+    let Some(path) = running.file.config.clone() else {
+        log::warn!("SIGHUP: no --config file to reload");
+        return None;
+    };
+    let path = path.display();
+    let new = match crate::cli::Cli::reload_run_args() {
+        Ok(new) => new,
+        Err(e) => {
+            log::error!("SIGHUP: {e}; keeping the running configuration");
+            return None;
+        }
+    };
+    let changes = reload_changes(running, &new);
+    if changes.is_empty() {
+        log::info!("SIGHUP: reloaded {path}: no changes");
+    }
+    for change in &changes {
+        log::info!("SIGHUP: reloaded {path}: {change}");
+    }
+    if new.log_level != running.log_level {
+        log::set_max_level(new.log_level.into());
+        running.log_level = new.log_level;
+    }
+    log::debug!("SIGHUP: log level now {:?}", running.log_level);
+    Some(new)
+}
+
+/// What attaching a probe needs besides the `Ebpf` object.
+struct ProbeCtx {
+    tracefs: std::path::PathBuf,
+    snapshot: Arc<Snapshot>,
+    loss: LossCounters,
+    sink: Option<Arc<dyn ConnectSink>>,
+    interval: std::time::Duration,
+    syscalls: SyscallsOptions,
+}
+
+type ProbeTasks = tokio::task::JoinSet<Result<(), ProbeError>>;
+
+/// The attached probes, each with its own stop signal so one can be detached at runtime.
+#[derive(Default)]
+struct LiveProbes {
+    running: Vec<(ProbeKind, watch::Sender<bool>, tokio::task::Id)>,
+    /// Probes detached at runtime: their kernel maps went with their drain task, so attaching
+    /// them again needs a restart.
+    removed: Vec<ProbeKind>,
+    /// Drain tasks told to stop, whose end is expected.
+    detached: std::collections::HashMap<tokio::task::Id, ProbeKind>,
+}
+
+impl LiveProbes {
+    /// Loads and attaches `kind` and spawns its drain task.
+    fn start(
+        &mut self,
+        kind: ProbeKind,
+        ebpf: &mut aya::Ebpf,
+        ctx: &ProbeCtx,
+        tasks: &mut ProbeTasks,
+    ) -> Result<(), ProbeError> {
+        if self.removed.contains(&kind) {
+            return Err(ProbeError::Unsupported {
+                probe: kind.name(),
+                reason: "it was detached earlier in this run; restart tanzhen to attach it again"
+                    .into(),
+            });
+        }
+        let (tx, rx) = watch::channel(false);
+        let handle = match kind {
+            ProbeKind::Tcp => {
+                let p = TcpProbe::attach(
+                    ebpf,
+                    &ctx.tracefs,
+                    &ctx.snapshot,
+                    ctx.loss.clone(),
+                    ctx.sink.clone(),
+                )?;
+                tasks.spawn(p.run(rx))
+            }
+            ProbeKind::Sched => {
+                let p = SchedProbe::attach(
+                    ebpf,
+                    &ctx.tracefs,
+                    &ctx.snapshot,
+                    ctx.loss.clone(),
+                    ctx.interval,
+                )?;
+                tasks.spawn(p.run(rx))
+            }
+            ProbeKind::Syscalls => {
+                let p = SyscallsProbe::attach(
+                    ebpf,
+                    &ctx.tracefs,
+                    &ctx.snapshot,
+                    ctx.loss.clone(),
+                    ctx.syscalls.clone(),
+                )?;
+                tasks.spawn(p.run(rx))
+            }
+        };
+        self.running.push((kind, tx, handle.id()));
+        Ok(())
+    }
+
+    /// Detaches `kind`'s programs, then tells its drain task to flush and stop. Its metrics
+    /// stay in the snapshot; the other probes are untouched.
+    fn stop(&mut self, kind: ProbeKind, ebpf: &mut aya::Ebpf) -> Result<(), String> {
+        let Some(i) = self.running.iter().position(|(k, ..)| *k == kind) else {
+            return Ok(());
+        };
+        for name in programs(kind) {
+            let res = match ebpf.program_mut(name) {
+                Some(aya::programs::Program::TracePoint(p)) => p.unload(),
+                Some(aya::programs::Program::RawTracePoint(p)) => p.unload(),
+                Some(_) => return Err(format!("{name}: unexpected program type")),
+                None => continue,
+            };
+            res.map_err(|e| format!("unloading {name}: {e}"))?;
+        }
+        let (_, tx, id) = self.running.remove(i);
+        self.detached.insert(id, kind);
+        self.removed.push(kind);
+        let _ = tx.send(true);
+        Ok(())
+    }
+
+    fn stop_all(&mut self) {
+        for (_, tx, _) in self.running.drain(..) {
+            let _ = tx.send(true);
+        }
+    }
+
+    fn kinds(&self) -> Vec<ProbeKind> {
+        self.running.iter().map(|(k, ..)| *k).collect()
+    }
+}
+
+/// The kernel programs of a probe.
+fn programs(kind: ProbeKind) -> &'static [&'static str] {
+    match kind {
+        ProbeKind::Tcp => crate::probe::tcp::PROGRAMS,
+        ProbeKind::Sched => &crate::probe::sched::HOOKS,
+        ProbeKind::Syscalls => crate::probe::syscalls::PROGRAMS,
+    }
+}
+
+/// SIGHUP with a different probe set: attaches the new probes and detaches the dropped ones.
+fn apply_probes(
+    new: &RunArgs,
+    running: &mut RunArgs,
+    live: &mut LiveProbes,
+    ebpf: &mut aya::Ebpf,
+    ctx: &ProbeCtx,
+    tasks: &mut ProbeTasks,
+    probe_up: &crate::snapshot::GaugeVec,
+) {
+    let want: Vec<ProbeKind> = new.probes.iter().copied().collect();
+    for kind in live.kinds() {
+        if !want.contains(&kind) {
+            match live.stop(kind, ebpf) {
+                Ok(()) => {
+                    probe_up.set(&[kind.name()], 0);
+                    log::info!("SIGHUP: probe `{kind}` detached");
+                }
+                Err(e) => log::error!("SIGHUP: detaching probe `{kind}`: {e}"),
+            }
+        }
+    }
+    for &kind in &want {
+        if live.kinds().contains(&kind) {
+            continue;
+        }
+        match live.start(kind, ebpf, ctx, tasks) {
+            Ok(()) => {
+                probe_up.set(&[kind.name()], 1);
+                ctx.loss.decode_errors.inc_by(&[kind.name()], 0);
+                log::info!("SIGHUP: probe `{kind}` attached");
+            }
+            Err(e) => {
+                probe_up.set(&[kind.name()], 0);
+                log::error!("SIGHUP: probe `{kind}` failed to attach: {}", hint(&e));
+            }
+        }
+    }
+    running.probes = new.probes.clone();
+}
+
+/// One line per setting that differs between `old` and `new` (values of secrets are not shown).
+fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
+    let restart = "takes effect at the next start";
+    let names =
+        |p: &crate::probe::ProbeList| p.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
+    let mut out = Vec::new();
+    let mut diff = |key: &str, a: String, b: String, applied: bool| {
+        if a != b {
+            let when = if applied { "applied" } else { restart };
+            out.push(format!("{key} {a} -> {b} ({when})"));
+        }
+    };
+    diff(
+        "log_level",
+        format!("{:?}", old.log_level).to_lowercase(),
+        format!("{:?}", new.log_level).to_lowercase(),
+        true,
+    );
+    diff("probes", names(&old.probes), names(&new.probes), true);
+    diff(
+        "listen",
+        format!("{:?}", old.listen.0),
+        format!("{:?}", new.listen.0),
+        false,
+    );
+    diff(
+        "interval",
+        format!("{:?}", old.interval),
+        format!("{:?}", new.interval),
+        false,
+    );
+    diff(
+        "max_series_per_metric",
+        old.max_series_per_metric.to_string(),
+        new.max_series_per_metric.to_string(),
+        false,
+    );
+    diff(
+        "series_ttl",
+        format!("{:?}", old.series_ttl),
+        format!("{:?}", new.series_ttl),
+        false,
+    );
+    if format!("{:?}", old.otlp) != format!("{:?}", new.otlp) {
+        out.push(format!("otlp settings changed ({restart})"));
+    }
+    // Paths only; the token file's content is read at start.
+    if format!("{:?}", old.http) != format!("{:?}", new.http) {
+        out.push(format!("tls/auth settings changed ({restart})"));
+    }
+    out
+}
+
 /// Adds the usual fix to errors whose cause is common.
 fn hint(e: &ProbeError) -> String {
     let s = e.to_string();
@@ -300,5 +573,50 @@ fn hint(e: &ProbeError) -> String {
         format!("{s} (run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)")
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn args(v: &[&str]) -> RunArgs {
+        let mut argv = vec!["tanzhen", "run"];
+        argv.extend_from_slice(v);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(r) => *r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_line_per_change_without_secrets() {
+        let old = args(&["--probes", "tcp"]);
+        assert!(reload_changes(&old, &old).is_empty());
+        let new = args(&[
+            "--probes",
+            "tcp,sched",
+            "--log-level",
+            "debug",
+            "--series-ttl",
+            "1h",
+            "--otlp-header",
+            "authorization=Bearer s3cret",
+            "--auth-token-file",
+            "/etc/tanzhen/token",
+        ]);
+        assert_eq!(
+            reload_changes(&old, &new),
+            [
+                "log_level info -> debug (applied)",
+                "probes tcp -> tcp,sched (applied)",
+                "series_ttl 600s -> 3600s (takes effect at the next start)",
+                "otlp settings changed (takes effect at the next start)",
+                "tls/auth settings changed (takes effect at the next start)",
+            ]
+        );
     }
 }

@@ -25,6 +25,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum Command {
     /// Load the probes and serve their metrics until SIGINT or SIGTERM (needs root).
     Run(Box<RunArgs>),
@@ -33,10 +34,20 @@ pub enum Command {
     /// Report what this kernel supports (BTF, ring buffer, tracefs, each probe's hooks).
     /// Exits 1 when a probe this build ships cannot load here.
     Check,
+    /// Configuration file helpers.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `tanzhen config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print a commented configuration file holding every key at its default.
+    Default,
 }
 
 /// Options of `tanzhen run`.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
     /// Probes to load, comma-separated, or `all` (see `tanzhen probes`).
     #[arg(long, env = "TANZHEN_PROBES", default_value = "all", value_parser = probe::parse_list)]
@@ -85,6 +96,12 @@ pub struct RunArgs {
     /// map (default 16384), to exercise the map-full path.
     #[arg(long, env = "TANZHEN_SYSCALLS_MAP_ENTRIES", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
     pub syscalls_map_entries: Option<u32>,
+
+    #[command(flatten)]
+    pub file: crate::config::ConfigArgs,
+
+    #[command(flatten)]
+    pub http: crate::server::HttpArgs,
 }
 
 fn parse_regex(s: &str) -> Result<Regex, String> {
@@ -100,7 +117,7 @@ fn parse_regex(s: &str) -> Result<Regex, String> {
 }
 
 /// Log verbosity levels.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogLevel {
     Error,
     Warn,
@@ -192,14 +209,65 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     )
 }
 
+/// Why the command line (with its configuration file) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// A flag or its value is wrong (or help/version was asked for).
+    #[error("{}", one_line(.0))]
+    Clap(#[from] clap::Error),
+    /// The configuration file is unreadable or wrong.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+}
+
 impl Cli {
     /// Parses the process arguments. Errors about a value print as one line and exit with
     /// code 2; help and version print as usual.
     #[must_use]
     pub fn parse_or_exit() -> Self {
-        match Self::try_parse() {
+        match Self::parse_with_file(std::env::args_os(), &|k| std::env::var(k).ok()) {
             Ok(cli) => cli,
-            Err(e) => exit_with(&e),
+            Err(ParseError::Clap(e)) => exit_with(&e),
+            Err(ParseError::Config(e)) => {
+                eprintln!("tanzhen: error: {e}");
+                std::process::exit(2)
+            }
+        }
+    }
+
+    /// Parses `argv`; for `run --config PATH` the file's values become the flags' defaults
+    /// (the command line and the environment win). `env` looks variables up.
+    pub fn parse_with_file(
+        argv: impl IntoIterator<Item = std::ffi::OsString>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ParseError> {
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let argv: Vec<std::ffi::OsString> = argv.into_iter().collect();
+        let cli = Self::try_parse_from(&argv)?;
+        let Command::Run(run) = &cli.command else {
+            return Ok(cli);
+        };
+        let Some(path) = &run.file.config else {
+            return Ok(cli);
+        };
+        let cmd = Self::command();
+        let settings = match cmd.find_subcommand("run") {
+            Some(run) => crate::config::load(path, run, env)?,
+            None => return Ok(cli),
+        };
+        let cmd = cmd.mut_subcommand("run", |r| crate::config::install(r, &settings));
+        let matches = cmd.try_get_matches_from(&argv)?;
+        Ok(Self::from_arg_matches(&matches)?)
+    }
+
+    /// Re-reads the configuration file of this process's `run` command line (SIGHUP).
+    pub fn reload_run_args() -> Result<RunArgs, ParseError> {
+        match Self::parse_with_file(std::env::args_os(), &|k| std::env::var(k).ok())?.command {
+            Command::Run(r) => Ok(*r),
+            _ => Err(ParseError::Clap(clap::Error::raw(
+                clap::error::ErrorKind::InvalidSubcommand,
+                "not a `run` command line",
+            ))),
         }
     }
 }

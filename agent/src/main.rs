@@ -1,9 +1,13 @@
 //! `tanzhen`: parse the command line, set up logging, dispatch.
 
 mod agent;
+mod caps;
 mod check;
 mod cli;
+mod config;
 mod export;
+#[cfg(test)]
+mod hostile;
 mod kernel;
 mod loader;
 #[cfg_attr(
@@ -24,13 +28,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse_or_exit();
     match cli.command {
         Command::Run(args) => {
+            // Everything passes the logger; log::set_max_level filters, so SIGHUP can change it.
             env_logger::Builder::new()
-                .filter_level(args.log_level.into())
+                .filter_level(log::LevelFilter::Trace)
                 // aya's loader logs every relocation at debug; keep it for --log-level trace.
                 .filter_module("aya", args.log_level.aya_filter())
                 .format_timestamp_millis()
                 .format_target(false)
                 .init();
+            log::set_max_level(args.log_level.into());
             match agent::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -41,6 +47,13 @@ fn main() -> ExitCode {
         }
         Command::Probes => {
             check::probes();
+            ExitCode::SUCCESS
+        }
+        Command::Config(cli::ConfigCommand::Default) => {
+            use clap::CommandFactory as _;
+            if let Some(run) = Cli::command().find_subcommand("run") {
+                print!("{}", config::default_text(run));
+            }
             ExitCode::SUCCESS
         }
         Command::Check => {

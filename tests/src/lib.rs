@@ -13,13 +13,19 @@ use std::{
 };
 
 #[cfg(test)]
+mod caps;
+#[cfg(test)]
 mod cli;
+#[cfg(test)]
+mod config;
 #[cfg(test)]
 mod dashboards;
 #[cfg(test)]
 mod otlp;
 #[cfg(test)]
 mod sched;
+#[cfg(test)]
+mod server;
 #[cfg(test)]
 mod syscalls;
 #[cfg(test)]
@@ -71,6 +77,27 @@ impl Agent {
     /// [`Agent::start`] with extra environment variables.
     #[must_use]
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(args, env, &["--log-level", "debug"])
+    }
+
+    /// [`Agent::start`] without `--log-level debug` (the log level comes from `args`, a
+    /// configuration file or the default).
+    #[must_use]
+    pub fn start_with_own_log_level(args: &[&str]) -> Self {
+        Self::spawn(args, &[], &[])
+    }
+
+    /// [`Agent::start`] under a wrapper command, e.g. `["setpriv", "--bounding-set=-bpf"]`.
+    #[must_use]
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        Self::spawn_in(wrapper, args, &[], &["--log-level", "debug"])
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
+        Self::spawn_in(&[], args, env, log_args)
+    }
+
+    fn spawn_in(wrapper: &[&str], args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
         require_root();
         let bin = tanzhen_bin();
         assert!(
@@ -85,10 +112,19 @@ impl Agent {
             addr.port()
         ));
         let log_file = std::fs::File::create(&log).expect("create agent log");
-        let child = Command::new(&bin)
+        let mut cmd = match wrapper {
+            [] => Command::new(&bin),
+            [prog, rest @ ..] => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(&bin);
+                c
+            }
+        };
+        let child = cmd
             .arg("run")
             .args(args)
-            .args(["--listen", &addr.to_string(), "--log-level", "debug"])
+            .args(["--listen", &addr.to_string()])
+            .args(log_args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -95,6 +95,8 @@ pub fn dist(root: &Path, arches: &[String], formats: &[Format]) -> anyhow::Resul
             "--locked",
             "--package",
             "agent",
+            // No `tls` feature: ring needs a C cross compiler for musl (see agent/Cargo.toml).
+            "--no-default-features",
             "--target",
             target,
         ]);

@@ -42,6 +42,8 @@ use crate::{
 const PROBE: &str = "syscalls";
 const ENTER: &str = "syscalls_sys_enter";
 const EXIT: &str = "syscalls_sys_exit";
+/// The kernel programs of this probe (raw tracepoints).
+pub const PROGRAMS: &[&str] = &[ENTER, EXIT];
 
 /// How long to wait after flipping the generation before reading the idle one: programs that
 /// read the old generation number are then long finished (they run for well under a µs, with

@@ -34,6 +34,8 @@ use crate::{
 
 /// Name of the kernel program (`agent-ebpf/src/tcp.rs`).
 const PROGRAM: &str = "tcp_inet_sock_set_state";
+/// The kernel programs of this probe (unloaded when it is detached at runtime).
+pub const PROGRAMS: &[&str] = &[PROGRAM];
 const PROBE: &str = "tcp";
 
 /// Connect duration buckets: 50 µs to 10 s in 1-2.5-5 steps.
