@@ -17,6 +17,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+use crate::field::{self, read};
 use agent_common::{
     COMM_LEN,
     hist::{HIST_SLOTS, slot},
@@ -31,7 +32,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_get_current_cgroup_id, bpf_probe_read_str},
     },
     macros::{map, tracepoint},
@@ -303,16 +304,7 @@ fn on_exit() {
     entry.submit(0);
 }
 
-/// Reads a field at a tracefs-provided offset with `bpf_probe_read` (4.19-safe, see tcp.rs).
-#[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
-    unsafe { bpf_probe_read(ctx.as_ptr().cast::<u8>().add(offset as usize).cast::<T>()) }
-        .map_err(i64::from)
-}
-
 #[inline(always)]
 fn count_lost(reason: u32) {
-    if let Some(p) = SCHED_LOST.get_ptr_mut(reason) {
-        unsafe { *p += 1 };
-    }
+    field::count_lost(&SCHED_LOST, reason, 1);
 }

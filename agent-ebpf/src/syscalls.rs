@@ -36,7 +36,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 
-use crate::config::tgid_allowed;
+use crate::{config::tgid_allowed, field};
 
 // Not preallocated: a preallocated per-CPU hash reserves max_entries x CPUs values up front,
 // and before 5.10 a reused preallocated element kept other CPUs' stale values.
@@ -185,14 +185,28 @@ fn count(generation: u32, key: &SyscallKey, calls: u64, errors: u64) {
     }
 }
 
+/// Adds to this CPU's value of `key`; false when the key is absent.
+#[inline(always)]
+fn add(
+    map: &PerCpuHashMap<SyscallKey, SyscallStat>,
+    key: &SyscallKey,
+    calls: u64,
+    errors: u64,
+) -> bool {
+    let Some(s) = map.get_ptr_mut(key) else {
+        return false;
+    };
+    // Per-CPU value: no other CPU writes it, and programs do not nest on a CPU here.
+    unsafe {
+        (*s).calls += calls;
+        (*s).errors += errors;
+    }
+    true
+}
+
 #[inline(always)]
 fn bump(map: &PerCpuHashMap<SyscallKey, SyscallStat>, key: &SyscallKey, calls: u64, errors: u64) {
-    if let Some(s) = map.get_ptr_mut(key) {
-        // Per-CPU value: no other CPU writes it, and programs do not nest on a CPU here.
-        unsafe {
-            (*s).calls += calls;
-            (*s).errors += errors;
-        }
+    if add(map, key, calls, errors) {
         return;
     }
     let v = SyscallStat {
@@ -204,12 +218,7 @@ fn bump(map: &PerCpuHashMap<SyscallKey, SyscallStat>, key: &SyscallKey, calls: u
         return;
     }
     // Another CPU may have inserted the key in between (EEXIST): add to our slot of it.
-    if let Some(s) = map.get_ptr_mut(key) {
-        unsafe {
-            (*s).calls += calls;
-            (*s).errors += errors;
-        }
-    } else if let Some(p) = SYSCALL_LOST.get_ptr_mut(SYSCALL_LOST_MAP_FULL) {
-        unsafe { *p += calls.max(errors) };
+    if !add(map, key, calls, errors) {
+        field::count_lost(&SYSCALL_LOST, SYSCALL_LOST_MAP_FULL, calls.max(errors));
     }
 }

@@ -12,10 +12,11 @@
 //! Field offsets come from tracefs through [`TCP_TP_OFFSETS`]; every drop is counted in
 //! [`TCP_LOST`].
 
+use crate::field::{self, read};
 use agent_common::{
     COMM_LEN,
     tcp::{
-        AF_INET, AF_INET6, FIELD_ABSENT, IPPROTO_TCP, TCP_CLOSE, TCP_CONNECTS_MAX, TCP_ESTABLISHED,
+        AF_INET, AF_INET6, IPPROTO_TCP, TCP_CLOSE, TCP_CONNECTS_MAX, TCP_ESTABLISHED,
         TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED, TCP_EVENT_CONNECT_FAILED,
         TCP_EVENTS_BYTES, TCP_LISTEN, TCP_LISTENERS_MAX, TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR,
         TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL, TCP_SYN_RECV, TCP_SYN_SENT, TcpConnectStart,
@@ -23,9 +24,8 @@ use agent_common::{
     },
 };
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::bpf_get_current_cgroup_id,
     },
     macros::{map, tracepoint},
@@ -254,20 +254,7 @@ fn emit(
     Ok(())
 }
 
-/// Reads a field at a tracefs-provided offset. `bpf_probe_read` (helper 4) rather than
-/// `TracePointContext::read_at` (`bpf_probe_read_kernel`, 5.5+) keeps the object 4.19-loadable.
-#[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
-    if offset == FIELD_ABSENT {
-        return Err(-1);
-    }
-    unsafe { bpf_probe_read(ctx.as_ptr().cast::<u8>().add(offset as usize).cast::<T>()) }
-        .map_err(i64::from)
-}
-
 #[inline(always)]
 fn count_lost(reason: u32) {
-    if let Some(p) = TCP_LOST.get_ptr_mut(reason) {
-        unsafe { *p += 1 };
-    }
+    field::count_lost(&TCP_LOST, reason, 1);
 }

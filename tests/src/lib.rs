@@ -50,6 +50,14 @@ pub fn require_root() {
     );
 }
 
+/// A task name (comm, at most 15 bytes) unique to this test process: `prefix` plus our pid.
+#[must_use]
+pub fn comm(prefix: &str) -> String {
+    let mut s = format!("{prefix}{}", std::process::id());
+    s.truncate(15);
+    s
+}
+
 /// A loopback port nobody listens on right now.
 #[must_use]
 pub fn free_port() -> u16 {

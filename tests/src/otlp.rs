@@ -29,7 +29,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 
-use crate::{Agent, free_port, http_get, tanzhen_bin};
+use crate::{Agent, comm, free_port, http_get, tanzhen_bin};
 
 /// What the receiver got.
 #[derive(Default)]
@@ -204,12 +204,6 @@ fn int_attr(attrs: &[KeyValue], key: &str) -> Option<i64> {
         Some(Value::IntValue(v)) => Some(*v),
         _ => None,
     }
-}
-
-fn comm(prefix: &str) -> String {
-    let mut s = format!("{prefix}{}", std::process::id());
-    s.truncate(15);
-    s
 }
 
 /// In a thread named `name`: `ok` connects to a listener (accepted by another thread), then

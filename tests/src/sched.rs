@@ -13,14 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Agent, Metrics, wait_for};
-
-/// A task name (at most 15 bytes) unique to this test process.
-fn comm(prefix: &str) -> String {
-    let mut s = format!("{prefix}{}", std::process::id());
-    s.truncate(15);
-    s
-}
+use crate::{Agent, Metrics, comm, wait_for};
 
 /// Sets the calling thread's comm (prctl PR_SET_NAME).
 fn set_comm(name: &str) {

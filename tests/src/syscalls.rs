@@ -13,14 +13,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Agent, Metrics, wait_for};
-
-/// A process name (at most 15 bytes) unique to this test process.
-fn comm(prefix: &str) -> String {
-    let mut s = format!("{prefix}{}", std::process::id());
-    s.truncate(15);
-    s
-}
+use crate::{Agent, Metrics, comm, wait_for};
 
 /// What a worker does when told to go.
 #[derive(Clone, Copy, Debug, Default)]

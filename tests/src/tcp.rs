@@ -10,14 +10,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{Agent, Metrics, free_port, wait_for};
-
-/// A thread name (= comm, at most 15 bytes) unique to this test process.
-fn comm(prefix: &str) -> String {
-    let mut s = format!("{prefix}{}", std::process::id());
-    s.truncate(15);
-    s
-}
+use crate::{Agent, Metrics, comm, free_port, wait_for};
 
 /// Listens on `bind` in a thread named `name` and accepts `n` connections.
 /// Returns the listening address and the thread's handle.

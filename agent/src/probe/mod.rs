@@ -38,6 +38,16 @@ pub enum ProbeKind {
     Sched,
 }
 
+/// Takes the map `name` out of the object as a typed map (the probe's drain task owns it).
+pub fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, ProbeError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    Ok(T::try_from(
+        ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?,
+    )?)
+}
+
 /// A kernel attach point.
 #[derive(Clone, Copy, Debug)]
 pub enum Hook {

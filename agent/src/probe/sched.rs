@@ -37,7 +37,7 @@ use tokio::{
 use crate::{
     kernel::{self, Format},
     probe::{
-        ProbeError,
+        ProbeError, take,
         tcp::{LossCounters, comm_str},
     },
     snapshot::{CounterVec, Desc, HistogramVec, LOG2_NS_BOUNDS, Snapshot},
@@ -360,15 +360,6 @@ pub struct SchedProbe {
     interval: Duration,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    Ok(T::try_from(
-        ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?,
-    )?)
-}
-
 impl SchedProbe {
     /// Writes the configuration, loads and attaches the five programs, and takes the maps.
     pub fn attach(
@@ -546,15 +537,7 @@ fn read_lost(lost: &PerCpuArray<MapData, u64>, progs: &[ProgramFd], loss: &LossC
     if let Some(m) = misses {
         loss.events_lost.set_total(&[PROBE, LOST_RECURSION], m);
     }
-    for (i, reason) in LOST_REASONS.iter().enumerate() {
-        #[expect(clippy::cast_possible_truncation, reason = "i < SCHED_LOST_REASONS")]
-        match lost.get(&(i as u32), 0) {
-            Ok(per_cpu) => loss
-                .events_lost
-                .set_total(&[PROBE, reason], per_cpu.iter().sum()),
-            Err(e) => log::debug!("sched: reading {SCHED_LOST}[{i}]: {e}"),
-        }
-    }
+    loss.read_kernel(PROBE, lost, &LOST_REASONS);
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use super::syscall_names;
 use crate::{
     kernel,
-    probe::{ProbeError, tcp::LossCounters},
+    probe::{ProbeError, take, tcp::LossCounters},
     snapshot::{CounterVec, Desc, HistogramVec, LOG2_NS_BOUNDS, Snapshot},
 };
 
@@ -270,20 +270,11 @@ impl SyscallsProbe {
             generation: 0,
             open_nrs: open_nrs(table),
         };
-        let mut config: Array<MapData, SyscallConfig> = Array::try_from(
-            ebpf.take_map(SYSCALL_CONFIG)
-                .ok_or(ProbeError::MissingMap(SYSCALL_CONFIG))?,
-        )?;
+        let mut config: Array<MapData, SyscallConfig> = take(ebpf, SYSCALL_CONFIG)?;
         config.set(0, cfg, 0)?;
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
-        };
-        let counts = [
-            PerCpuHashMap::try_from(take(ebpf, SYSCALL_COUNTS_0)?)?,
-            PerCpuHashMap::try_from(take(ebpf, SYSCALL_COUNTS_1)?)?,
-        ];
-        let hist = PerCpuArray::try_from(take(ebpf, SYSCALL_HIST)?)?;
-        let lost = PerCpuArray::try_from(take(ebpf, SYSCALL_LOST)?)?;
+        let counts = [take(ebpf, SYSCALL_COUNTS_0)?, take(ebpf, SYSCALL_COUNTS_1)?];
+        let hist = take(ebpf, SYSCALL_HIST)?;
+        let lost = take(ebpf, SYSCALL_LOST)?;
         // Exit first: an exit without its entry is ignored, while entries without exits
         // would leave start slots set.
         for (prog, name) in [(EXIT, "sys_exit"), (ENTER, "sys_enter")] {
@@ -412,16 +403,7 @@ impl SyscallsProbe {
     }
 
     fn read_lost(&self) {
-        for (i, reason) in LOST_REASONS.iter().enumerate() {
-            #[expect(clippy::cast_possible_truncation, reason = "i < SYSCALL_LOST_REASONS")]
-            match self.lost.get(&(i as u32), 0) {
-                Ok(per_cpu) => self
-                    .loss
-                    .events_lost
-                    .set_total(&[PROBE, reason], per_cpu.iter().sum()),
-                Err(e) => log::debug!("syscalls: reading {SYSCALL_LOST}[{i}]: {e}"),
-            }
-        }
+        self.loss.read_kernel(PROBE, &self.lost, &LOST_REASONS);
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::{
 
 use crate::{
     kernel::{self, Format},
-    probe::{ProbeError, listeners},
+    probe::{ProbeError, listeners, take},
     snapshot::{CounterVec, Desc, HistogramVec, Snapshot},
 };
 
@@ -188,6 +188,22 @@ pub struct LossCounters {
     pub decode_errors: Arc<CounterVec>,
 }
 
+impl LossCounters {
+    /// Copies a probe's per-CPU kernel drop counters (slot `i` = `reasons[i]`) into
+    /// `tanzhen_events_lost_total{probe,reason}`.
+    pub fn read_kernel(&self, probe: &str, lost: &PerCpuArray<MapData, u64>, reasons: &[&str]) {
+        for (i, reason) in reasons.iter().enumerate() {
+            let Ok(index) = u32::try_from(i) else { break };
+            match lost.get(&index, 0) {
+                Ok(per_cpu) => self
+                    .events_lost
+                    .set_total(&[probe, reason], per_cpu.iter().sum()),
+                Err(e) => log::debug!("{probe}: reading lost counter {i}: {e}"),
+            }
+        }
+    }
+}
+
 /// The attached TCP probe: its ring buffer and drop counters, ready to drain.
 pub struct TcpProbe {
     ring: RingBuf<MapData>,
@@ -235,14 +251,8 @@ impl TcpProbe {
         prog.attach("sock", "inet_sock_set_state")?;
         seed_listeners(ebpf)?;
 
-        let ring = RingBuf::try_from(
-            ebpf.take_map(TCP_EVENTS)
-                .ok_or(ProbeError::MissingMap(TCP_EVENTS))?,
-        )?;
-        let lost = PerCpuArray::try_from(
-            ebpf.take_map(TCP_LOST)
-                .ok_or(ProbeError::MissingMap(TCP_LOST))?,
-        )?;
+        let ring = take(ebpf, TCP_EVENTS)?;
+        let lost = take(ebpf, TCP_LOST)?;
         Ok(Self {
             ring,
             lost,
@@ -348,15 +358,7 @@ fn drain(
 }
 
 fn read_lost(lost: &PerCpuArray<MapData, u64>, loss: &LossCounters) {
-    for (i, reason) in LOST_REASONS.iter().enumerate() {
-        #[expect(clippy::cast_possible_truncation, reason = "i < TCP_LOST_REASONS")]
-        match lost.get(&(i as u32), 0) {
-            Ok(per_cpu) => loss
-                .events_lost
-                .set_total(&[PROBE, reason], per_cpu.iter().sum()),
-            Err(e) => log::debug!("tcp: reading {TCP_LOST}[{i}]: {e}"),
-        }
-    }
+    loss.read_kernel(PROBE, lost, &LOST_REASONS);
 }
 
 /// A well-formed IPv4 event from 127.0.0.1:40000 to `daddr`:80, tgid 42, for unit tests here

@@ -1,0 +1,27 @@
+//! Helpers every tracepoint probe shares: reading a record field at a tracefs-provided offset,
+//! and bumping a per-CPU drop counter.
+
+use agent_common::tcp::FIELD_ABSENT;
+use aya_ebpf::{
+    EbpfContext as _, helpers::bpf_probe_read, maps::PerCpuArray, programs::TracePointContext,
+};
+
+/// Reads a field at a tracefs-provided offset ([`FIELD_ABSENT`] is an error). `bpf_probe_read`
+/// (helper 4) rather than `TracePointContext::read_at` (`bpf_probe_read_kernel`, 5.5+) keeps
+/// the object 4.19-loadable.
+#[inline(always)]
+pub fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
+    if offset == FIELD_ABSENT {
+        return Err(-1);
+    }
+    unsafe { bpf_probe_read(ctx.as_ptr().cast::<u8>().add(offset as usize).cast::<T>()) }
+        .map_err(i64::from)
+}
+
+/// Adds `n` to slot `reason` of a per-CPU drop counter.
+#[inline(always)]
+pub fn count_lost(map: &PerCpuArray<u64>, reason: u32, n: u64) {
+    if let Some(p) = map.get_ptr_mut(reason) {
+        unsafe { *p += n };
+    }
+}
