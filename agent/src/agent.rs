@@ -162,7 +162,8 @@ async fn run_async(
         .map_err(|e| RunError::Usage(format!("OTLP: {e}")))?;
     let span_sink = otlp
         .as_ref()
-        .map(|o| o.sink.clone() as std::sync::Arc<dyn ConnectSink>);
+        .and_then(|o| o.sink.clone())
+        .map(|s| s as std::sync::Arc<dyn ConnectSink>);
 
     let tracefs = kernel::tracefs().map_err(|e| fatal(&e))?;
     if tracefs.mounted_now {

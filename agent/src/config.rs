@@ -27,6 +27,19 @@ const COMMAND_LINE_ONLY: &[&str] = &["config", "dry_run", "help", "version"];
 const OTHER_ENV: &[(&str, &str)] = &[
     ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
     ("otlp_protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    (
+        "otlp_metrics_endpoint",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    ),
+    ("otlp_traces_endpoint", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    ("otlp_timeout", "OTEL_EXPORTER_OTLP_TIMEOUT"),
+    ("otlp_compression", "OTEL_EXPORTER_OTLP_COMPRESSION"),
+    ("otlp_certificate", "OTEL_EXPORTER_OTLP_CERTIFICATE"),
+    (
+        "otlp_client_certificate",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    ),
+    ("otlp_client_key", "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
 ];
 
 /// Options of `tanzhen run` about the configuration file.

@@ -134,12 +134,22 @@ proptest! {
         endpoint in prop_oneof![".{0,60}", "http://[a-z0-9.:\\[\\]%@/?#-]{0,40}"],
         grpc in any::<bool>(),
         attrs in ".{0,80}",
+        traces_endpoint in ".{0,40}",
+        timeout in ".{0,8}",
+        compression in ".{0,6}",
     ) {
         let args = OtlpArgs {
             otlp_endpoint: Some(endpoint),
             otlp_protocol: None,
             otlp_interval: std::time::Duration::from_secs(10),
             otlp_headers: flag_headers,
+            otlp_metrics_endpoint: None,
+            otlp_traces_endpoint: None,
+            otlp_timeout: None,
+            otlp_compression: None,
+            otlp_certificate: None,
+            otlp_client_certificate: None,
+            otlp_client_key: None,
             trace_sample_ratio: 1.0,
             trace_max_spans_per_second: 10,
         };
@@ -147,15 +157,23 @@ proptest! {
             "OTEL_EXPORTER_OTLP_HEADERS" => Some(env_headers.clone()),
             "OTEL_EXPORTER_OTLP_PROTOCOL" => Some(if grpc { "grpc" } else { "http/protobuf" }.to_owned()),
             "OTEL_RESOURCE_ATTRIBUTES" => Some(attrs.clone()),
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => Some(traces_endpoint.clone()),
+            "OTEL_EXPORTER_OTLP_TIMEOUT" => Some(timeout.clone()),
+            "OTEL_EXPORTER_OTLP_COMPRESSION" => Some(compression.clone()),
             _ => None,
         };
-        if let Ok(Some(cfg)) = OtlpConfig::resolve(&args, &env) {
-            let _ = (cfg.metrics_url(), cfg.traces_url());
-            // Debug output (what may reach a log) never holds header values.
-            let shown = format!("{cfg:?}");
-            for (_, v) in &cfg.headers {
-                prop_assert!(v.len() < 4 || !shown.contains(v.as_str()), "{shown}");
+        match OtlpConfig::resolve(&args, &env) {
+            Ok(Some(cfg)) => {
+                // Debug and Display output (what may reach a log) never hold header values.
+                for s in cfg.metrics.iter().chain(cfg.traces.iter()) {
+                    let shown = format!("{cfg:?} {s}");
+                    for (_, v) in &s.headers {
+                        prop_assert!(v.len() < 4 || !shown.contains(v.as_str()), "{shown}");
+                    }
+                }
             }
+            Ok(None) => {}
+            Err(e) => prop_assert!(!e.contains('\n'), "{e}"),
         }
     }
 

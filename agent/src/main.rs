@@ -19,6 +19,8 @@ mod probe;
 mod process;
 mod server;
 mod snapshot;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::process::ExitCode;
 

@@ -15,10 +15,7 @@ use axum::{
 };
 use tokio::sync::watch;
 #[cfg(feature = "tls")]
-use tokio_rustls::rustls::{
-    self,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
-};
+use tokio_rustls::rustls;
 
 /// A server TLS configuration.
 #[cfg(feature = "tls")]
@@ -119,35 +116,7 @@ fn tls_config(_: &std::path::Path, _: &std::path::Path) -> Result<TlsConfig, Str
 
 #[cfg(feature = "tls")]
 fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsConfig, String> {
-    let read = |flag: &str, p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
-    };
-    let cert_pem = read("--tls-cert", cert)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "--tls-cert {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            cert.display()
-        ));
-    }
-    let key_pem = read("--tls-key", key)?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| format!("--tls-key {} holds no PEM private key: {e}", key.display()))?;
-    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .map(Arc::new)
-        .map_err(|e| {
-            format!(
-                "--tls-cert {} and --tls-key {}: {e}",
-                cert.display(),
-                key.display()
-            )
-        })
+    crate::tls::server_config(("--tls-cert", cert), ("--tls-key", key))
 }
 
 /// Serves until `stop` turns true.

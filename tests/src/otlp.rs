@@ -38,6 +38,9 @@ struct Received {
     metrics: Vec<ExportMetricsServiceRequest>,
     /// `authorization` header values seen by the HTTP receiver.
     auth: Vec<String>,
+    /// Compression of each request: `Content-Encoding` (HTTP) or `grpc-encoding` (gRPC), or
+    /// "identity".
+    encodings: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Received>>;
@@ -73,7 +76,9 @@ impl TraceService for Grpc {
         &self,
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().traces.push(req.into_inner());
+        let mut got = self.0.lock().unwrap();
+        got.encodings.push(grpc_encoding(&req));
+        got.traces.push(req.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -84,16 +89,45 @@ impl MetricsService for Grpc {
         &self,
         req: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().metrics.push(req.into_inner());
+        let mut got = self.0.lock().unwrap();
+        got.encodings.push(grpc_encoding(&req));
+        got.metrics.push(req.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }
 
+fn grpc_encoding<T>(req: &tonic::Request<T>) -> String {
+    req.metadata()
+        .get("grpc-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .to_owned()
+}
+
+/// The body as sent, gunzipped when `Content-Encoding: gzip`; the encoding is recorded.
+fn http_body(got: &Shared, headers: &axum::http::HeaderMap, body: bytes::Bytes) -> Vec<u8> {
+    use std::io::Read as _;
+    let enc = headers
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .to_owned();
+    let mut out = Vec::new();
+    if enc == "gzip" {
+        let _ = flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out);
+    } else {
+        out = body.to_vec();
+    }
+    got.lock().unwrap().encodings.push(enc);
+    out
+}
+
 async fn http_traces(
     axum::extract::State(got): axum::extract::State<Shared>,
+    headers: axum::http::HeaderMap,
     body: bytes::Bytes,
 ) -> (axum::http::StatusCode, Vec<u8>) {
-    match ExportTraceServiceRequest::decode(body) {
+    match ExportTraceServiceRequest::decode(&http_body(&got, &headers, body)[..]) {
         Ok(r) => {
             got.lock().unwrap().traces.push(r);
             (
@@ -110,7 +144,7 @@ async fn http_metrics(
     headers: axum::http::HeaderMap,
     body: bytes::Bytes,
 ) -> (axum::http::StatusCode, Vec<u8>) {
-    match ExportMetricsServiceRequest::decode(body) {
+    match ExportMetricsServiceRequest::decode(&http_body(&got, &headers, body)[..]) {
         Ok(r) => {
             let mut got = got.lock().unwrap();
             got.metrics.push(r);
@@ -126,9 +160,158 @@ async fn http_metrics(
     }
 }
 
+/// PEM files of a test PKI made with `openssl`: a CA, a server certificate for 127.0.0.1 and a
+/// client certificate, all signed by the CA. Removed when dropped.
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn create() -> Self {
+        let dir = std::env::temp_dir().join(format!("tanzhen-pki-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(&dir)
+                .args(args)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-days", "1", "-subj", "/CN=tanzhen test CA"],
+                &["-keyout", "ca.key", "-out", "ca.pem"],
+            ]
+            .concat(),
+        );
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+            ),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ] {
+            std::fs::write(
+                dir.join(format!("{name}.ext")),
+                format!("basicConstraints=CA:FALSE\n{ext}\n"),
+            )
+            .unwrap();
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &["-subj", &format!("/CN=tanzhen {name}")],
+                    &[
+                        "-keyout",
+                        &format!("{name}.key"),
+                        "-out",
+                        &format!("{name}.csr"),
+                    ],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ]);
+        }
+        Self { dir }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_string_lossy().into_owned()
+    }
+
+    fn read(&self, file: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(file)).unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A rustls server configuration from the test PKI that requires a client certificate.
+fn mtls_server_config(pki: &Pki, alpn: &[u8]) -> tokio_rustls::rustls::ServerConfig {
+    use tokio_rustls::rustls::{
+        RootCertStore, ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+        server::WebPkiClientVerifier,
+    };
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pki.read("ca.pem")) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let chain = CertificateDer::pem_slice_iter(&pki.read("server.pem"))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&pki.read("server.key")).unwrap();
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_client_cert_verifier(verifier)
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg
+}
+
 impl Receiver {
     /// Starts a receiver on `port` (0: any free port).
     fn start(proto: Proto, port: u16) -> Self {
+        Self::start_tls(proto, port, None)
+    }
+
+    /// [`Receiver::start`], over TLS requiring a client certificate when `pki` is given. The
+    /// gRPC receiver accepts gzip; the HTTP one also serves the `/custom/*` paths.
+    fn start_tls(proto: Proto, port: u16, pki: Option<&Pki>) -> Self {
+        let tls = pki.map(|p| {
+            Arc::new(mtls_server_config(
+                p,
+                if proto == Proto::Grpc {
+                    b"h2"
+                } else {
+                    b"http/1.1"
+                },
+            ))
+        });
         let std_listener =
             TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind the OTLP receiver");
         std_listener.set_nonblocking(true).unwrap();
@@ -142,21 +325,53 @@ impl Receiver {
         let g = got.clone();
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            match proto {
-                Proto::Grpc => {
+            let gz = tonic::codec::CompressionEncoding::Gzip;
+            let traces = TraceServiceServer::new(Grpc(g.clone())).accept_compressed(gz);
+            let metrics = MetricsServiceServer::new(Grpc(g.clone())).accept_compressed(gz);
+            let app = axum::Router::new()
+                .route("/v1/traces", axum::routing::post(http_traces))
+                .route("/v1/metrics", axum::routing::post(http_metrics))
+                .route("/custom/traces", axum::routing::post(http_traces))
+                .route("/custom/metrics", axum::routing::post(http_metrics))
+                .with_state(g);
+            match (proto, tls) {
+                (Proto::Grpc, None) => {
                     tonic::transport::Server::builder()
-                        .add_service(TraceServiceServer::new(Grpc(g.clone())))
-                        .add_service(MetricsServiceServer::new(Grpc(g)))
+                        .add_service(traces)
+                        .add_service(metrics)
                         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
                         .await
                         .unwrap();
                 }
-                Proto::Http => {
-                    let app = axum::Router::new()
-                        .route("/v1/traces", axum::routing::post(http_traces))
-                        .route("/v1/metrics", axum::routing::post(http_metrics))
-                        .with_state(g);
-                    axum::serve(listener, app).await.unwrap();
+                (Proto::Grpc, Some(tls)) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                    let incoming = async_stream_of_tls(listener, acceptor);
+                    tonic::transport::Server::builder()
+                        .add_service(traces)
+                        .add_service(metrics)
+                        .serve_with_incoming(incoming)
+                        .await
+                        .unwrap();
+                }
+                (Proto::Http, None) => axum::serve(listener, app).await.unwrap(),
+                (Proto::Http, Some(tls)) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let (acceptor, app) = (acceptor.clone(), app.clone());
+                        tokio::spawn(async move {
+                            // A client that fails the handshake (untrusted CA) just goes away.
+                            let Ok(stream) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let svc = hyper_util::service::TowerToHyperService::new(app);
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
                 }
             }
         });
@@ -165,6 +380,10 @@ impl Receiver {
 
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    fn https_url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
     }
 
     /// Every span received so far.
@@ -182,6 +401,30 @@ impl Receiver {
     fn last_metrics(&self) -> Option<ExportMetricsServiceRequest> {
         self.got.lock().unwrap().metrics.last().cloned()
     }
+}
+
+/// Accepted TLS connections as a stream for tonic (handshake failures are skipped).
+fn async_stream_of_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> tokio_stream::wrappers::UnboundedReceiverStream<
+    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                if let Ok(s) = acceptor.accept(tcp).await {
+                    let _ = tx.send(Ok(s));
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
 }
 
 fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
@@ -518,10 +761,15 @@ fn collector_down_then_up() {
 fn bad_otlp_url_exits_2_with_one_line() {
     for (url, needle) in [
         ("nonsense url", "not a URL"),
-        ("https://collector:4318", "no TLS"),
+        ("ftp://collector:4318", "https://"),
+        (
+            "https://collector:4318",
+            "--otlp-certificate /nonexistent/ca.pem",
+        ),
     ] {
         let out = Command::new(tanzhen_bin())
             .args(["run", "--probes", "tcp", "--otlp-endpoint", url])
+            .args(["--otlp-certificate", "/nonexistent/ca.pem"])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -852,4 +1100,114 @@ fn otlp_without_prometheus_endpoint() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("nothing to export"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+/// https:// collectors with mutual TLS, gzip and per-signal endpoints: spans go over gRPC to
+/// one receiver (OTEL_EXPORTER_OTLP_TRACES_* variables), metrics over HTTP/protobuf to another
+/// at a custom path (--otlp-metrics-endpoint); both demand a client certificate and see gzip.
+/// Without the CA file the same agent cannot verify the collector: failures are counted and
+/// the agent keeps serving.
+#[test]
+fn tls_gzip_and_per_signal_endpoints() {
+    let pki = Pki::create();
+    let grpc = Receiver::start_tls(Proto::Grpc, 0, Some(&pki));
+    let http = Receiver::start_tls(Proto::Http, 0, Some(&pki));
+    let traces_url = grpc.https_url("");
+    let metrics_url = http.https_url("/custom/metrics");
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let agent = Agent::start_with_env(
+        &[
+            "--probes",
+            "tcp",
+            "--otlp-interval",
+            "300ms",
+            "--otlp-metrics-endpoint",
+            &metrics_url,
+            "--otlp-certificate",
+            &ca,
+            "--otlp-client-certificate",
+            &cert,
+            "--otlp-client-key",
+            &key,
+            "--otlp-timeout",
+            "5s",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &traces_url),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ],
+    );
+    let name = comm("tzs");
+    workload(&name, 3, 1);
+    assert!(
+        wait_until(Duration::from_secs(30), || spans_of(&grpc, &name).len()
+            == 4),
+        "expected 4 spans over gRPC+TLS, got {}:\n{}",
+        spans_of(&grpc, &name).len(),
+        agent.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || http
+            .last_metrics()
+            .and_then(|m| otlp_connects(&m, &name, "established"))
+            == Some(3)),
+        "metrics over HTTPS at /custom/metrics (last: {:?}):\n{}",
+        http.last_metrics()
+            .map(|m| otlp_connects(&m, &name, "established")),
+        agent.log_text()
+    );
+    assert!(
+        http.got.lock().unwrap().traces.is_empty(),
+        "spans went to the metrics receiver"
+    );
+    assert!(
+        grpc.got.lock().unwrap().metrics.is_empty(),
+        "metrics went to the span receiver"
+    );
+    for rx in [&grpc, &http] {
+        let enc = rx.got.lock().unwrap().encodings.clone();
+        assert!(
+            !enc.is_empty() && enc.iter().all(|e| e == "gzip"),
+            "{enc:?}"
+        );
+    }
+    let m = agent.scrape();
+    assert_eq!(
+        m.sum("tanzhen_otlp_export_failures_total", &[]),
+        0.0,
+        "{}",
+        m.0
+    );
+    drop(agent);
+
+    // No CA file: the system store does not know the test CA, so every export fails.
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp",
+        "--otlp-interval",
+        "300ms",
+        "--otlp-endpoint",
+        &http.https_url(""),
+        "--otlp-compression",
+        "none",
+    ]);
+    assert!(
+        wait_until(Duration::from_secs(30), || agent.scrape().sum(
+            "tanzhen_otlp_export_failures_total",
+            &[("signal", "metrics")]
+        ) >= 2.0),
+        "untrusted collector certificate must count as failures:\n{}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("certificate") || log.contains("UnknownIssuer"),
+        "{log}"
+    );
+    assert_eq!(http_get(agent.addr, "/healthz").unwrap().0, 200);
 }

@@ -302,7 +302,7 @@ fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
             .ok_or(ProbeError::MissingMap(TCP_LISTENERS))?,
     )?;
     let found = listeners::scan();
-    let mut seeded = 0usize;
+    let (mut seeded, mut known) = (0usize, 0usize);
     for l in &found {
         let mut comm = [0u8; COMM_LEN];
         let n = l.comm.len().min(COMM_LEN - 1);
@@ -317,11 +317,17 @@ fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         };
         match map.insert(u32::from(l.port), v, BPF_NOEXIST) {
             Ok(()) => seeded += 1,
+            // Already recorded (by the program, or by the scan before attach).
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                known += 1;
+            }
             Err(e) => log::debug!("tcp: seeding listener on port {}: {e}", l.port),
         }
     }
     log::debug!(
-        "tcp: {seeded} of {} listening sockets found in /proc seeded",
+        "tcp: {} listening sockets in /proc: {seeded} seeded, {known} already known",
         found.len()
     );
     Ok(())

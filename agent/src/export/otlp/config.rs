@@ -1,7 +1,7 @@
 //! OTLP configuration: the `run` flags, the standard `OTEL_*` environment (the command line
 //! wins), endpoint validation and the resource attributes.
 
-use std::{fmt, time::Duration};
+use std::{fmt, path::PathBuf, time::Duration};
 
 use hyper::{
     Uri,
@@ -17,6 +17,40 @@ pub enum OtlpProtocol {
     Grpc,
     /// OTLP over HTTP with protobuf bodies (collectors listen on 4318; the spec's default).
     HttpProtobuf,
+}
+
+/// Compression of OTLP requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// gzip (`Content-Encoding: gzip` over HTTP, `grpc-encoding: gzip` over gRPC).
+    Gzip,
+    /// Uncompressed.
+    None,
+}
+
+/// The two OTLP signals tanzhen exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signal {
+    Metrics,
+    Traces,
+}
+
+impl Signal {
+    /// The signal's name in `OTEL_EXPORTER_OTLP_<NAME>_*` variables.
+    fn env_name(self) -> &'static str {
+        match self {
+            Self::Metrics => "METRICS",
+            Self::Traces => "TRACES",
+        }
+    }
+
+    /// The path the HTTP exporter appends to a base URL.
+    fn http_path(self) -> &'static str {
+        match self {
+            Self::Metrics => "/v1/metrics",
+            Self::Traces => "/v1/traces",
+        }
+    }
 }
 
 /// OTLP options of `tanzhen run`.
@@ -41,6 +75,40 @@ pub struct OtlpArgs {
     #[arg(long = "otlp-header", env = "TANZHEN_OTLP_HEADERS", hide_env_values = true, value_delimiter = ',',
           value_name = "KEY=VALUE", value_parser = parse_header)]
     pub otlp_headers: Vec<(String, String)>,
+
+    /// Full URL for metrics only (used as is: nothing is appended), overriding --otlp-endpoint
+    /// for this signal. Unset: OTEL_EXPORTER_OTLP_METRICS_ENDPOINT.
+    #[arg(long, env = "TANZHEN_OTLP_METRICS_ENDPOINT", value_name = "URL")]
+    pub otlp_metrics_endpoint: Option<String>,
+
+    /// Full URL for spans only (used as is), overriding --otlp-endpoint for this signal.
+    /// Unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT.
+    #[arg(long, env = "TANZHEN_OTLP_TRACES_ENDPOINT", value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
+
+    /// How long one export request may take (e.g. 10s). Unset: OTEL_EXPORTER_OTLP_TIMEOUT
+    /// (and its per-signal variants, in milliseconds), else 10s.
+    #[arg(long, env = "TANZHEN_OTLP_TIMEOUT", value_parser = parse_duration)]
+    pub otlp_timeout: Option<Duration>,
+
+    /// Compress export requests: gzip or none. Unset: OTEL_EXPORTER_OTLP_COMPRESSION (and its
+    /// per-signal variants), else none.
+    #[arg(long, env = "TANZHEN_OTLP_COMPRESSION", value_enum)]
+    pub otlp_compression: Option<Compression>,
+
+    /// PEM file of the CA that signed the collector's certificate (https:// endpoints); default:
+    /// the system's CA store. Unset: OTEL_EXPORTER_OTLP_CERTIFICATE.
+    #[arg(long, env = "TANZHEN_OTLP_CERTIFICATE", value_name = "PATH")]
+    pub otlp_certificate: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS with the collector (needs --otlp-client-key).
+    /// Unset: OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE.
+    #[arg(long, env = "TANZHEN_OTLP_CLIENT_CERTIFICATE", value_name = "PATH")]
+    pub otlp_client_certificate: Option<PathBuf>,
+
+    /// PEM private key of --otlp-client-certificate. Unset: OTEL_EXPORTER_OTLP_CLIENT_KEY.
+    #[arg(long, env = "TANZHEN_OTLP_CLIENT_KEY", value_name = "PATH")]
+    pub otlp_client_key: Option<PathBuf>,
 
     /// Fraction of TCP connect attempts exported as spans, 0.0 to 1.0 (by trace id, so a
     /// collector can re-sample consistently).
@@ -127,122 +195,251 @@ fn parse_pairs(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Everything OTLP export needs, resolved from flags and the standard environment.
-#[derive(Clone)]
-pub struct OtlpConfig {
+/// Where and how one signal is exported.
+#[derive(Clone, PartialEq)]
+pub struct SignalConfig {
     pub protocol: OtlpProtocol,
-    /// The base URL as given.
-    pub endpoint: Uri,
-    pub interval: Duration,
+    /// The full URL requests go to (HTTP: with `/v1/<signal>`; gRPC: the server address).
+    pub url: Uri,
     /// Header names (lowercase) and values.
     pub headers: Vec<(String, String)>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    pub compression: Compression,
+    /// TLS files for https:// URLs (ignored for http://).
+    pub tls: TlsFiles,
+}
+
+/// TLS files of a client; each with the option or variable it came from, for error messages.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA to trust instead of the system's store.
+    pub ca: Option<(String, PathBuf)>,
+    /// Client certificate and key for mutual TLS.
+    pub cert: Option<(String, PathBuf)>,
+    pub key: Option<(String, PathBuf)>,
+}
+
+impl fmt::Debug for SignalConfig {
+    // Hand-written so header values (credentials) never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("SignalConfig")
+            .field("protocol", &self.protocol)
+            .field("url", &self.url)
+            .field("header_names", &names)
+            .field("timeout", &self.timeout)
+            .field("compression", &self.compression)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl fmt::Display for SignalConfig {
+    /// `http://c:4318/v1/metrics (HTTP/protobuf, gzip, headers: api-key)` — no header values.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.protocol {
+            OtlpProtocol::Grpc => "gRPC",
+            OtlpProtocol::HttpProtobuf => "HTTP/protobuf",
+        };
+        write!(f, "{} ({proto}", self.url)?;
+        if self.compression == Compression::Gzip {
+            f.write_str(", gzip")?;
+        }
+        if !self.headers.is_empty() {
+            let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+            write!(f, ", headers: {}", names.join(","))?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Everything OTLP export needs, resolved from flags and the standard environment.
+#[derive(Clone, Debug)]
+pub struct OtlpConfig {
+    /// Metrics export; `None` when only a traces endpoint was given or OTEL_METRICS_EXPORTER=none.
+    pub metrics: Option<SignalConfig>,
+    /// Span export; `None` when only a metrics endpoint was given or OTEL_TRACES_EXPORTER=none.
+    pub traces: Option<SignalConfig>,
+    pub interval: Duration,
     pub sample_ratio: f64,
     pub max_spans_per_second: u32,
     /// Resource attributes (service.name, host.name, ...).
     pub resource: Vec<(String, String)>,
 }
 
-impl fmt::Debug for OtlpConfig {
-    // Hand-written so header values (credentials) never reach a log line.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
-        f.debug_struct("OtlpConfig")
-            .field("protocol", &self.protocol)
-            .field("endpoint", &self.endpoint)
-            .field("interval", &self.interval)
-            .field("header_names", &names)
-            .field("sample_ratio", &self.sample_ratio)
-            .field("max_spans_per_second", &self.max_spans_per_second)
-            .finish_non_exhaustive()
-    }
-}
+/// Default per-request timeout (the specification's 10 s).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl OtlpConfig {
-    /// Resolves the flags against the environment (`env` looks a variable up; the CLI wins).
+    /// Resolves the flags against the environment (`env` looks a variable up).
+    ///
+    /// Per signal, the first that is set wins: the signal's flag, the general flag, the
+    /// signal's `OTEL_EXPORTER_OTLP_<SIGNAL>_*` variable, the general `OTEL_EXPORTER_OTLP_*`
+    /// variable, the default. Signal-specific endpoints are used as they are; a general
+    /// endpoint is a base URL to which HTTP appends `/v1/metrics` or `/v1/traces`. Headers
+    /// accumulate in that order (a later equal key wins, the flags last).
     /// `Ok(None)`: no endpoint anywhere, OTLP stays off. `Err`: one line for a usage error.
     pub fn resolve(
         args: &OtlpArgs,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Option<Self>, String> {
         let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
-        let (endpoint, source) = match (&args.otlp_endpoint, env("OTEL_EXPORTER_OTLP_ENDPOINT")) {
-            (Some(e), _) => (e.clone(), "--otlp-endpoint"),
-            (None, Some(e)) => (e, "OTEL_EXPORTER_OTLP_ENDPOINT"),
-            (None, None) => return Ok(None),
-        };
-        let protocol = match (args.otlp_protocol, env("OTEL_EXPORTER_OTLP_PROTOCOL")) {
-            (Some(p), _) => p,
-            (None, Some(p)) => match p.trim() {
-                "grpc" => OtlpProtocol::Grpc,
-                "http/protobuf" => OtlpProtocol::HttpProtobuf,
-                other => {
-                    return Err(format!(
-                        "OTEL_EXPORTER_OTLP_PROTOCOL=`{other}` is not supported; use grpc or http/protobuf"
-                    ));
-                }
-            },
-            (None, None) => OtlpProtocol::HttpProtobuf,
-        };
-        let endpoint =
-            parse_endpoint(&endpoint).map_err(|why| format!("{source} `{endpoint}`: {why}"))?;
-        let mut headers: Vec<(String, String)> = Vec::new();
-        let from_env = env("OTEL_EXPORTER_OTLP_HEADERS")
-            .map(|h| parse_pairs(&h))
-            .unwrap_or_default();
-        for (k, v) in from_env
-            .into_iter()
-            .chain(args.otlp_headers.iter().cloned())
-        {
-            let (k, v) =
-                parse_header(&format!("{k}={v}")).map_err(|e| format!("OTLP header: {e}"))?;
-            headers.retain(|(hk, _)| *hk != k);
-            headers.push((k, v));
-        }
-        if protocol == OtlpProtocol::Grpc {
-            for (k, _) in &headers {
-                if tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(k.as_bytes())
-                    .is_err()
-                {
-                    return Err(format!(
-                        "OTLP header `{k}` is not a valid gRPC metadata key"
-                    ));
-                }
-            }
+        let metrics = signal_config(args, &env, Signal::Metrics)?;
+        let traces = signal_config(args, &env, Signal::Traces)?;
+        if metrics.is_none() && traces.is_none() {
+            return Ok(None);
         }
         Ok(Some(Self {
-            protocol,
-            endpoint,
+            metrics,
+            traces,
             interval: args.otlp_interval,
-            headers,
             sample_ratio: args.trace_sample_ratio,
             max_spans_per_second: args.trace_max_spans_per_second,
             resource: resource_attributes(&env),
         }))
     }
+}
 
-    /// Where metrics go: for HTTP the base URL plus `/v1/metrics`.
-    #[must_use]
-    pub fn metrics_url(&self) -> Uri {
-        self.signal_url("/v1/metrics")
+/// One signal's settings; `Ok(None)` when it has no endpoint or is switched off.
+fn signal_config(
+    args: &OtlpArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    signal: Signal,
+) -> Result<Option<SignalConfig>, String> {
+    let sig = signal.env_name();
+    let var = |suffix: &str| {
+        let specific = format!("OTEL_EXPORTER_OTLP_{sig}_{suffix}");
+        env(&specific).map(|v| (specific, v)).or_else(|| {
+            env(&format!("OTEL_EXPORTER_OTLP_{suffix}"))
+                .map(|v| (format!("OTEL_EXPORTER_OTLP_{suffix}"), v))
+        })
+    };
+    let exporter = format!("OTEL_{sig}_EXPORTER");
+    if env(&exporter).is_some_and(|v| v.trim() == "none") {
+        return Ok(None);
     }
+    let (specific_flag, specific_arg) = match signal {
+        Signal::Metrics => ("--otlp-metrics-endpoint", &args.otlp_metrics_endpoint),
+        Signal::Traces => ("--otlp-traces-endpoint", &args.otlp_traces_endpoint),
+    };
+    let specific_var = format!("OTEL_EXPORTER_OTLP_{sig}_ENDPOINT");
+    // (URL text, where it came from, whether it is a base URL)
+    let (endpoint, source, base) = if let Some(e) = specific_arg {
+        (e.clone(), specific_flag.to_owned(), false)
+    } else if let Some(e) = &args.otlp_endpoint {
+        (e.clone(), "--otlp-endpoint".to_owned(), true)
+    } else if let Some(e) = env(&specific_var) {
+        (e, specific_var, false)
+    } else if let Some(e) = env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        (e, "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), true)
+    } else {
+        return Ok(None);
+    };
 
-    /// Where spans go: for HTTP the base URL plus `/v1/traces`.
-    #[must_use]
-    pub fn traces_url(&self) -> Uri {
-        self.signal_url("/v1/traces")
+    let protocol = match (args.otlp_protocol, var("PROTOCOL")) {
+        (Some(p), _) => p,
+        (None, Some((name, p))) => match p.trim() {
+            "grpc" => OtlpProtocol::Grpc,
+            "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            other => {
+                return Err(format!(
+                    "{name}=`{other}` is not supported; use grpc or http/protobuf"
+                ));
+            }
+        },
+        (None, None) => OtlpProtocol::HttpProtobuf,
+    };
+    let parsed =
+        parse_endpoint(&endpoint).map_err(|why| format!("{source} `{endpoint}`: {why}"))?;
+    let url = if base && protocol == OtlpProtocol::HttpProtobuf {
+        let url = format!(
+            "{}{}",
+            parsed.to_string().trim_end_matches('/'),
+            signal.http_path()
+        );
+        // The base parsed and the suffix is plain ASCII, so this parses too.
+        url.parse().unwrap_or(parsed)
+    } else {
+        parsed
+    };
+
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let env_headers = |name: &str| env(name).map(|h| parse_pairs(&h)).unwrap_or_default();
+    for (k, v) in env_headers("OTEL_EXPORTER_OTLP_HEADERS")
+        .into_iter()
+        .chain(env_headers(&format!("OTEL_EXPORTER_OTLP_{sig}_HEADERS")))
+        .chain(args.otlp_headers.iter().cloned())
+    {
+        let (k, v) = parse_header(&format!("{k}={v}")).map_err(|e| format!("OTLP header: {e}"))?;
+        headers.retain(|(hk, _)| *hk != k);
+        headers.push((k, v));
     }
-
-    fn signal_url(&self, path: &str) -> Uri {
-        match self.protocol {
-            OtlpProtocol::Grpc => self.endpoint.clone(),
-            OtlpProtocol::HttpProtobuf => {
-                let base = self.endpoint.to_string();
-                let url = format!("{}{path}", base.trim_end_matches('/'));
-                // The base parsed and the suffix is plain ASCII, so this parses too.
-                url.parse().unwrap_or_else(|_| self.endpoint.clone())
+    if protocol == OtlpProtocol::Grpc {
+        for (k, _) in &headers {
+            if tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(k.as_bytes())
+                .is_err()
+            {
+                return Err(format!(
+                    "OTLP header `{k}` is not a valid gRPC metadata key"
+                ));
             }
         }
     }
+
+    let timeout = match (args.otlp_timeout, var("TIMEOUT")) {
+        (Some(t), _) => t,
+        (None, Some((name, ms))) => match ms.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => {
+                return Err(format!(
+                    "{name}=`{ms}` is not a timeout in milliseconds (e.g. 10000)"
+                ));
+            }
+        },
+        (None, None) => DEFAULT_TIMEOUT,
+    };
+    let compression = match (args.otlp_compression, var("COMPRESSION")) {
+        (Some(c), _) => c,
+        (None, Some((name, c))) => match c.trim() {
+            "gzip" => Compression::Gzip,
+            "none" => Compression::None,
+            other => {
+                return Err(format!(
+                    "{name}=`{other}` is not supported; use gzip or none"
+                ));
+            }
+        },
+        (None, None) => Compression::None,
+    };
+    let file = |flag: &str, arg: &Option<PathBuf>, suffix: &str| {
+        arg.as_ref()
+            .map(|p| (flag.to_owned(), p.clone()))
+            .or_else(|| var(suffix).map(|(name, v)| (name, PathBuf::from(v.trim()))))
+    };
+    let tls = TlsFiles {
+        ca: file("--otlp-certificate", &args.otlp_certificate, "CERTIFICATE"),
+        cert: file(
+            "--otlp-client-certificate",
+            &args.otlp_client_certificate,
+            "CLIENT_CERTIFICATE",
+        ),
+        key: file("--otlp-client-key", &args.otlp_client_key, "CLIENT_KEY"),
+    };
+    if url.scheme_str() == Some("https") && !cfg!(feature = "tls") {
+        return Err(format!(
+            "{source} `{endpoint}`: this build has no TLS (agent built without its `tls` \
+             feature); use http:// to a node-local collector or a build with TLS"
+        ));
+    }
+    Ok(Some(SignalConfig {
+        protocol,
+        url,
+        headers,
+        timeout,
+        compression,
+        tls,
+    }))
 }
 
 fn parse_endpoint(s: &str) -> Result<Uri, String> {
@@ -250,23 +447,16 @@ fn parse_endpoint(s: &str) -> Result<Uri, String> {
         .trim()
         .parse()
         .map_err(|_| "not a URL; use e.g. http://otel-collector:4318".to_owned())?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(
-                "https is not supported by this build (no TLS); use http:// to a node-local collector"
-                    .into(),
-            );
-        }
-        _ => {
-            return Err("the URL needs the http:// scheme, e.g. http://otel-collector:4318".into());
-        }
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(
+            "the URL needs the http:// or https:// scheme, e.g. http://otel-collector:4318".into(),
+        );
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err("the URL has no host".into());
     }
     if uri.query().is_some() {
-        return Err("a base URL takes no query string".into());
+        return Err("an OTLP URL takes no query string".into());
     }
     Ok(uri)
 }
@@ -343,6 +533,116 @@ mod tests {
         None
     }
 
+    impl OtlpConfig {
+        fn m(&self) -> &SignalConfig {
+            self.metrics.as_ref().unwrap()
+        }
+        fn t(&self) -> &SignalConfig {
+            self.traces.as_ref().unwrap()
+        }
+    }
+
+    #[test]
+    fn per_signal_settings() {
+        let env = |k: &str| {
+            Some(
+                match k {
+                    "OTEL_EXPORTER_OTLP_ENDPOINT" => "http://base:4318",
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => "https://traces:4317/custom",
+                    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" => "grpc",
+                    "OTEL_EXPORTER_OTLP_TIMEOUT" => "2500",
+                    "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT" => "700",
+                    "OTEL_EXPORTER_OTLP_COMPRESSION" => "gzip",
+                    "OTEL_EXPORTER_OTLP_HEADERS" => "a=1,b=1",
+                    "OTEL_EXPORTER_OTLP_TRACES_HEADERS" => "b=2",
+                    "OTEL_EXPORTER_OTLP_CERTIFICATE" => "/ca.pem",
+                    _ => return None,
+                }
+                .to_owned(),
+            )
+        };
+        let c = OtlpConfig::resolve(&args(&[]), &env).unwrap().unwrap();
+        // The general endpoint is a base URL; the signal's own is used as it is.
+        assert_eq!(c.m().url.to_string(), "http://base:4318/v1/metrics");
+        assert_eq!(c.m().protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(c.t().url.to_string(), "https://traces:4317/custom");
+        assert_eq!(c.t().protocol, OtlpProtocol::Grpc);
+        assert_eq!(c.m().timeout, Duration::from_millis(700));
+        assert_eq!(c.t().timeout, Duration::from_millis(2500));
+        assert_eq!(c.t().compression, Compression::Gzip);
+        assert_eq!(
+            c.m().headers,
+            [("a".into(), "1".into()), ("b".into(), "1".into())]
+        );
+        assert_eq!(
+            c.t().headers,
+            [("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
+        assert_eq!(
+            c.t().tls.ca,
+            Some(("OTEL_EXPORTER_OTLP_CERTIFICATE".into(), "/ca.pem".into()))
+        );
+
+        // Flags win over every variable; the general flag over a signal's variable.
+        let c = OtlpConfig::resolve(
+            &args(&[
+                "--otlp-endpoint",
+                "http://flag:4318",
+                "--otlp-metrics-endpoint",
+                "http://m:9/x",
+                "--otlp-timeout",
+                "3s",
+                "--otlp-compression",
+                "none",
+                "--otlp-certificate",
+                "/flag-ca.pem",
+            ]),
+            &env,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.m().url.to_string(), "http://m:9/x");
+        assert_eq!(
+            c.t().url.to_string(),
+            "http://flag:4318/",
+            "grpc: no path added"
+        );
+        assert_eq!(c.t().timeout, Duration::from_secs(3));
+        assert_eq!(c.t().compression, Compression::None);
+        assert_eq!(c.m().tls.ca.as_ref().unwrap().0, "--otlp-certificate");
+
+        // One signal alone, or one switched off.
+        let c = OtlpConfig::resolve(
+            &args(&["--otlp-traces-endpoint", "http://t:1/v1/traces"]),
+            &no_env,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(c.metrics.is_none());
+        let off = |k: &str| match k {
+            "OTEL_METRICS_EXPORTER" => Some("none".to_owned()),
+            _ => env(k),
+        };
+        let c = OtlpConfig::resolve(&args(&[]), &off).unwrap().unwrap();
+        assert!(c.metrics.is_none() && c.traces.is_some());
+
+        let bad = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" => Some("soon".to_owned()),
+            _ => env(k),
+        };
+        let e = OtlpConfig::resolve(&args(&[]), &bad).unwrap_err();
+        assert!(
+            e.starts_with("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT=`soon`"),
+            "{e}"
+        );
+        let bad = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_COMPRESSION" => Some("zstd".to_owned()),
+            _ => env(k),
+        };
+        let e = OtlpConfig::resolve(&args(&[]), &bad).unwrap_err();
+        assert!(e.contains("zstd") && e.contains("gzip or none"), "{e}");
+    }
+
     #[test]
     fn off_without_endpoint() {
         assert!(OtlpConfig::resolve(&args(&[]), &no_env).unwrap().is_none());
@@ -353,13 +653,15 @@ mod tests {
         let c = OtlpConfig::resolve(&args(&["--otlp-endpoint", "http://c:4318"]), &no_env)
             .unwrap()
             .unwrap();
-        assert_eq!(c.protocol, OtlpProtocol::HttpProtobuf, "spec default");
-        assert_eq!(c.metrics_url().to_string(), "http://c:4318/v1/metrics");
-        assert_eq!(c.traces_url().to_string(), "http://c:4318/v1/traces");
+        assert_eq!(c.m().protocol, OtlpProtocol::HttpProtobuf, "spec default");
+        assert_eq!(c.m().url.to_string(), "http://c:4318/v1/metrics");
+        assert_eq!(c.t().url.to_string(), "http://c:4318/v1/traces");
+        assert_eq!(c.m().timeout, Duration::from_secs(10));
+        assert_eq!(c.m().compression, Compression::None);
         let c = OtlpConfig::resolve(&args(&["--otlp-endpoint", "http://c:4318/otlp/"]), &no_env)
             .unwrap()
             .unwrap();
-        assert_eq!(c.traces_url().to_string(), "http://c:4318/otlp/v1/traces");
+        assert_eq!(c.t().url.to_string(), "http://c:4318/otlp/v1/traces");
         let c = OtlpConfig::resolve(
             &args(&[
                 "--otlp-endpoint",
@@ -371,7 +673,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(c.metrics_url().to_string(), "http://c:4317/");
+        assert_eq!(c.m().url.to_string(), "http://c:4317/");
     }
 
     #[test]
@@ -390,10 +692,10 @@ mod tests {
         let c = OtlpConfig::resolve(&args(&["--otlp-header", "x-a=2"]), &env)
             .unwrap()
             .unwrap();
-        assert_eq!(c.endpoint.host(), Some("envhost"));
-        assert_eq!(c.protocol, OtlpProtocol::Grpc);
+        assert_eq!(c.m().url.host(), Some("envhost"));
+        assert_eq!(c.m().protocol, OtlpProtocol::Grpc);
         assert_eq!(
-            c.headers,
+            c.t().headers,
             [
                 ("api-key".into(), "s=cret".into()),
                 ("x-a".into(), "2".into())
@@ -425,8 +727,8 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(c.endpoint.host(), Some("cli"));
-        assert_eq!(c.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(c.t().url.host(), Some("cli"));
+        assert_eq!(c.t().protocol, OtlpProtocol::HttpProtobuf);
     }
 
     #[test]
@@ -435,7 +737,6 @@ mod tests {
             ("not a url", "not a URL"),
             ("ftp://x:1", "http://"),
             ("localhost:4318", "http://"),
-            ("https://x:4318", "no TLS"),
             ("http://x:4318/?a=b", "query"),
         ] {
             let e = OtlpConfig::resolve(&args(&["--otlp-endpoint", bad]), &no_env).unwrap_err();

@@ -35,7 +35,7 @@ use opentelemetry_proto::tonic::{
 use tokio::sync::watch;
 
 pub use self::{
-    config::{OtlpArgs, OtlpConfig, OtlpProtocol},
+    config::{Compression, OtlpArgs, OtlpConfig, OtlpProtocol, SignalConfig},
     traces::SpanSink,
     transport::{ExportError, Transport},
 };
@@ -161,70 +161,55 @@ impl Backoff {
 
 /// Running OTLP export: the span sink for the TCP probe and the exporter tasks.
 pub struct Otlp {
-    /// Hand this to the TCP probe.
-    pub sink: Arc<SpanSink>,
+    /// Hand this to the TCP probe (`None` when spans are not exported).
+    pub sink: Option<Arc<SpanSink>>,
     stop: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
 }
 
 impl Otlp {
-    /// Registers the counters, builds the transport and spawns the metric and trace exporters.
+    /// Registers the counters, builds each signal's transport and spawns its exporter.
     pub fn start(cfg: &OtlpConfig, snapshot: &Arc<Snapshot>) -> Result<Self, ExportError> {
-        let transport = Transport::new(cfg)?;
         let counters = OtlpCounters::register(snapshot);
-        let (sink, rx) = SpanSink::new(
-            cfg.sample_ratio,
-            cfg.max_spans_per_second,
-            counters.dropped.clone(),
-        );
         let resource = proto_resource(&cfg.resource);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(run_metrics(
-            transport.clone(),
-            snapshot.clone(),
-            resource.clone(),
-            cfg.interval,
-            counters.clone(),
-            stop_rx.clone(),
-        ));
-        tasks.spawn(run_traces(
-            transport,
-            rx,
-            resource,
-            cfg.interval,
-            counters,
-            stop_rx,
-        ));
-        log::info!(
-            "OTLP export to {} over {} (metrics every {:?}; headers: {}; spans: ratio {}, at most {}/s)",
-            match cfg.protocol {
-                OtlpProtocol::Grpc => cfg.endpoint.to_string(),
-                OtlpProtocol::HttpProtobuf =>
-                    format!("{} and {}", cfg.metrics_url(), cfg.traces_url()),
-            },
-            match cfg.protocol {
-                OtlpProtocol::Grpc => "gRPC",
-                OtlpProtocol::HttpProtobuf => "HTTP/protobuf",
-            },
-            cfg.interval,
-            if cfg.headers.is_empty() {
-                "none".to_owned()
-            } else {
-                cfg.headers
-                    .iter()
-                    .map(|(k, _)| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            },
-            cfg.sample_ratio,
-            cfg.max_spans_per_second
-        );
-        Ok(Self {
-            sink: Arc::new(sink),
-            stop,
-            tasks,
-        })
+        if let Some(m) = &cfg.metrics {
+            tasks.spawn(run_metrics(
+                Transport::new(m)?,
+                snapshot.clone(),
+                resource.clone(),
+                cfg.interval,
+                counters.clone(),
+                stop_rx.clone(),
+            ));
+            log::info!("OTLP metrics to {m} every {:?}", cfg.interval);
+        }
+        let sink = match &cfg.traces {
+            Some(t) => {
+                let (sink, rx) = SpanSink::new(
+                    cfg.sample_ratio,
+                    cfg.max_spans_per_second,
+                    counters.dropped.clone(),
+                );
+                tasks.spawn(run_traces(
+                    Transport::new(t)?,
+                    rx,
+                    resource,
+                    cfg.interval,
+                    counters,
+                    stop_rx,
+                ));
+                log::info!(
+                    "OTLP spans to {t} (ratio {}, at most {}/s)",
+                    cfg.sample_ratio,
+                    cfg.max_spans_per_second
+                );
+                Some(Arc::new(sink))
+            }
+            None => None,
+        };
+        Ok(Self { sink, stop, tasks })
     }
 
     /// Flushes what is pending (bounded in time) and stops the exporters. Call after the

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{
     Uri,
-    header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue},
+    header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue},
 };
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -19,7 +19,9 @@ use opentelemetry_proto::tonic::collector::{
 };
 use prost::Message as _;
 
-use super::{OtlpConfig, OtlpProtocol};
+use tonic::codec::CompressionEncoding;
+
+use super::{Compression, OtlpProtocol, SignalConfig};
 
 /// Why one export request failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,39 +81,119 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Per-request timeout (the specification's default is 10 s).
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// The HTTP connector: TLS-capable when the build has TLS.
+#[cfg(feature = "tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
 
-/// One connection to the collector, shared by both signals.
+/// A TCP connector that also speaks TLS to https:// URLs (when built with TLS), with `alpn`
+/// offered (`h2` for gRPC, `http/1.1` for HTTP/protobuf).
+fn connector(cfg: &SignalConfig, alpn: &[u8]) -> Result<Connector, ExportError> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(cfg.timeout));
+    http.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    {
+        http.enforce_http(false);
+        let tls = if cfg.url.scheme_str() == Some("https") {
+            crate::tls::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+        } else {
+            // Never used for http:// URLs; an empty store keeps start-up free of file reads.
+            crate::tls::client_config_without_roots()
+        }
+        .map_err(ExportError::Endpoint)?;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        Ok(if alpn == b"h2" {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.enable_http1().wrap_connector(http)
+        })
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = alpn;
+        Ok(http)
+    }
+}
+
+/// gRPC over TLS: tonic is handed the URL as `http://` (so that tonic's own TLS, should a
+/// build enable one of its TLS features, never refuses an https:// URL it has no config for)
+/// and this connector puts the `https` scheme back, so that rustls does the handshake.
+#[cfg(feature = "tls")]
+#[derive(Clone)]
+struct GrpcTls(Connector);
+
+#[cfg(feature = "tls")]
+impl tower_service::Service<Uri> for GrpcTls {
+    type Response = <Connector as tower_service::Service<Uri>>::Response;
+    type Error = <Connector as tower_service::Service<Uri>>::Error;
+    type Future = <Connector as tower_service::Service<Uri>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut parts = uri.into_parts();
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTPS);
+        // Only the scheme changed on a URI that parsed, so this cannot fail.
+        let uri = Uri::from_parts(parts).unwrap_or_default();
+        self.0.call(uri)
+    }
+}
+
+/// The gRPC channel to `cfg.url`.
+fn grpc_channel(cfg: &SignalConfig) -> Result<tonic::transport::Channel, ExportError> {
+    let endpoint = |url: &str| {
+        tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| ExportError::Endpoint(e.to_string()))
+            .map(|e| e.timeout(cfg.timeout).connect_timeout(cfg.timeout))
+    };
+    let url = cfg.url.to_string();
+    #[cfg(feature = "tls")]
+    if let Some(rest) = url.strip_prefix("https://") {
+        return Ok(endpoint(&format!("http://{rest}"))?
+            .connect_with_connector_lazy(GrpcTls(connector(cfg, b"h2")?)));
+    }
+    Ok(endpoint(&url)?.connect_with_connector_lazy(connector(cfg, b"h2")?))
+}
+
+/// One signal's connection to the collector.
 #[derive(Clone)]
 #[expect(
     clippy::large_enum_variant,
-    reason = "one value per agent, cloned twice at start-up"
+    reason = "one value per signal, built once at start-up"
 )]
 pub enum Transport {
     Grpc {
         channel: tonic::transport::Channel,
         metadata: tonic::metadata::MetadataMap,
+        timeout: Duration,
+        gzip: bool,
     },
     Http {
-        client: Client<HttpConnector, Full<Bytes>>,
-        metrics: Uri,
-        traces: Uri,
+        client: Client<Connector, Full<Bytes>>,
+        url: Uri,
         headers: HeaderMap,
+        timeout: Duration,
+        gzip: bool,
     },
 }
 
 impl Transport {
-    /// Builds the client (lazily connecting: a collector that is down is not an error here).
-    /// Must run inside the tokio runtime.
-    pub fn new(cfg: &OtlpConfig) -> Result<Self, ExportError> {
+    /// Builds the client (lazily connecting: a collector that is down is not an error here;
+    /// unreadable TLS files are). Must run inside the tokio runtime.
+    pub fn new(cfg: &SignalConfig) -> Result<Self, ExportError> {
+        let gzip = cfg.compression == Compression::Gzip;
         match cfg.protocol {
             OtlpProtocol::Grpc => {
-                let channel = tonic::transport::Endpoint::from_shared(cfg.endpoint.to_string())
-                    .map_err(|e| ExportError::Endpoint(e.to_string()))?
-                    .timeout(TIMEOUT)
-                    .connect_timeout(TIMEOUT)
-                    .connect_lazy();
+                let channel = grpc_channel(cfg)?;
                 let mut metadata = tonic::metadata::MetadataMap::new();
                 for (k, v) in &cfg.headers {
                     let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
@@ -121,7 +203,12 @@ impl Transport {
                         .map_err(|_| ExportError::Endpoint(format!("bad value for `{k}`")))?;
                     metadata.insert(key, val);
                 }
-                Ok(Self::Grpc { channel, metadata })
+                Ok(Self::Grpc {
+                    channel,
+                    metadata,
+                    timeout: cfg.timeout,
+                    gzip,
+                })
             }
             OtlpProtocol::HttpProtobuf => {
                 let mut headers = HeaderMap::new();
@@ -133,35 +220,45 @@ impl Transport {
                     val.set_sensitive(true);
                     headers.insert(name, val);
                 }
-                let mut conn = HttpConnector::new();
-                conn.set_connect_timeout(Some(TIMEOUT));
-                conn.set_nodelay(true);
                 Ok(Self::Http {
-                    client: Client::builder(TokioExecutor::new()).build(conn),
-                    metrics: cfg.metrics_url(),
-                    traces: cfg.traces_url(),
+                    client: Client::builder(TokioExecutor::new())
+                        .build(connector(cfg, b"http/1.1")?),
+                    url: cfg.url.clone(),
                     headers,
+                    timeout: cfg.timeout,
+                    gzip,
                 })
             }
         }
     }
 
-    fn grpc_request<T>(metadata: &tonic::metadata::MetadataMap, msg: T) -> tonic::Request<T> {
+    fn grpc_request<T>(
+        metadata: &tonic::metadata::MetadataMap,
+        timeout: Duration,
+        msg: T,
+    ) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         *req.metadata_mut() = metadata.clone();
-        req.set_timeout(TIMEOUT);
+        req.set_timeout(timeout);
         req
     }
 
     async fn post(
-        client: &Client<HttpConnector, Full<Bytes>>,
-        uri: &Uri,
-        headers: &HeaderMap,
+        client: &Client<Connector, Full<Bytes>>,
+        (uri, headers): (&Uri, &HeaderMap),
+        timeout: Duration,
+        gzip: bool,
         body: Vec<u8>,
     ) -> Result<(), ExportError> {
-        let mut req = hyper::Request::post(uri.clone())
-            .header(CONTENT_TYPE, "application/x-protobuf")
-            .body(Full::new(Bytes::from(body)))?;
+        let mut req =
+            hyper::Request::post(uri.clone()).header(CONTENT_TYPE, "application/x-protobuf");
+        let body = if gzip {
+            req = req.header(CONTENT_ENCODING, "gzip");
+            gzip_bytes(&body)
+        } else {
+            body
+        };
+        let mut req = req.body(Full::new(Bytes::from(body)))?;
         req.headers_mut().extend(headers.clone());
         let send = async {
             let resp = client.request(req).await?;
@@ -174,17 +271,26 @@ impl Transport {
                 Err(ExportError::Status(status))
             }
         };
-        tokio::time::timeout(TIMEOUT, send)
+        tokio::time::timeout(timeout, send)
             .await
-            .map_err(|_| ExportError::Timeout(TIMEOUT))?
+            .map_err(|_| ExportError::Timeout(timeout))?
     }
 
     /// Sends one metrics request.
     pub async fn send_metrics(&self, req: ExportMetricsServiceRequest) -> Result<(), ExportError> {
         match self {
-            Self::Grpc { channel, metadata } => {
-                let resp = MetricsServiceClient::new(channel.clone())
-                    .export(Self::grpc_request(metadata, req))
+            Self::Grpc {
+                channel,
+                metadata,
+                timeout,
+                gzip,
+            } => {
+                let mut client = MetricsServiceClient::new(channel.clone());
+                if *gzip {
+                    client = client.send_compressed(CompressionEncoding::Gzip);
+                }
+                let resp = client
+                    .export(Self::grpc_request(metadata, *timeout, req))
                     .await?;
                 if let Some(p) = resp.into_inner().partial_success
                     && p.rejected_data_points > 0
@@ -199,19 +305,29 @@ impl Transport {
             }
             Self::Http {
                 client,
-                metrics,
+                url,
                 headers,
-                ..
-            } => Self::post(client, metrics, headers, req.encode_to_vec()).await,
+                timeout,
+                gzip,
+            } => Self::post(client, (url, headers), *timeout, *gzip, req.encode_to_vec()).await,
         }
     }
 
     /// Sends one trace request.
     pub async fn send_traces(&self, req: ExportTraceServiceRequest) -> Result<(), ExportError> {
         match self {
-            Self::Grpc { channel, metadata } => {
-                let resp = TraceServiceClient::new(channel.clone())
-                    .export(Self::grpc_request(metadata, req))
+            Self::Grpc {
+                channel,
+                metadata,
+                timeout,
+                gzip,
+            } => {
+                let mut client = TraceServiceClient::new(channel.clone());
+                if *gzip {
+                    client = client.send_compressed(CompressionEncoding::Gzip);
+                }
+                let resp = client
+                    .export(Self::grpc_request(metadata, *timeout, req))
                     .await?;
                 if let Some(p) = resp.into_inner().partial_success
                     && p.rejected_spans > 0
@@ -226,13 +342,26 @@ impl Transport {
             }
             Self::Http {
                 client,
-                traces,
+                url,
                 headers,
-                ..
-            } => Self::post(client, traces, headers, req.encode_to_vec()).await,
+                timeout,
+                gzip,
+            } => Self::post(client, (url, headers), *timeout, *gzip, req.encode_to_vec()).await,
         }
     }
 }
+
+/// gzip of `data` (default level; writing to a Vec cannot fail).
+fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 4 + 64),
+        flate2::Compression::default(),
+    );
+    let _ = enc.write_all(data);
+    enc.finish().unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +373,19 @@ mod tests {
         assert!(ExportError::Status(hyper::StatusCode::SERVICE_UNAVAILABLE).retryable());
         assert!(ExportError::Status(hyper::StatusCode::TOO_MANY_REQUESTS).retryable());
         assert!(!ExportError::Status(hyper::StatusCode::BAD_REQUEST).retryable());
-        assert!(ExportError::Timeout(TIMEOUT).retryable());
+        assert!(ExportError::Timeout(Duration::from_secs(1)).retryable());
+    }
+
+    #[test]
+    fn gzip_round_trips() {
+        use std::io::Read as _;
+        let data = b"tanzhen ".repeat(100);
+        let z = gzip_bytes(&data);
+        assert!(z.len() < data.len() / 4, "{} bytes", z.len());
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&z[..])
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, data);
     }
 }
