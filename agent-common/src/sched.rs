@@ -27,7 +27,7 @@ pub const SCHED_LOST: &str = "SCHED_LOST";
 
 /// Capacity of [`SCHED_RUNQ_START`]: threads that are runnable or were seen since attach.
 pub const SCHED_RUNQ_START_MAX: u32 = 32_768;
-/// Capacity of [`SCHED_RUNQ_HIST`]: distinct comms per drain interval (two epochs).
+/// Capacity of [`SCHED_RUNQ_HIST`]: distinct (cgroup, comm) pairs per drain interval (two epochs).
 pub const SCHED_RUNQ_HIST_MAX: u32 = 4_096;
 /// Capacity of [`SCHED_SWITCHES`]: distinct comms per drain interval (two epochs).
 pub const SCHED_SWITCHES_MAX: u32 = 8_192;
@@ -106,16 +106,33 @@ pub struct SwitchCounts {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SwitchCounts {}
 
-/// Key of [`SCHED_RUNQ_HIST`]: epoch and the comm of the task switched in.
+/// Key of [`SCHED_RUNQ_HIST`]: epoch, the cgroup (v2 id) and the comm of the task switched in.
+/// The cgroup is the one the task had when it was last switched out (the switch-in tracepoint
+/// runs as the previous task, and without BTF `next`'s cgroup cannot be read); 0 when it has
+/// not been switched out since attach. On cgroup v1 hosts every task has the root's id, and the
+/// comm alone tells tasks apart.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RunqKey {
     pub epoch: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
     pub comm: [u8; COMM_LEN],
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for RunqKey {}
-const _: () = assert!(core::mem::size_of::<RunqKey>() == 20);
+const _: () = assert!(core::mem::size_of::<RunqKey>() == 32);
+
+/// Value of [`SCHED_RUNQ_START`]: when the thread entered a run queue (0: not queued, or
+/// already accounted) and its cgroup id as of its last switch-out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunqStart {
+    pub ts: u64,
+    pub cgroup_id: u64,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for RunqStart {}
 
 /// Value of [`SCHED_RUNQ_HIST`]: log2 nanosecond slots ([`crate::hist`]) and the exact sum.
 #[repr(C)]

@@ -5,8 +5,9 @@
 //! Run-queue latency as libbpf-tools `runqlat` defines it: the time from enqueue to running.
 //! - `sched_wakeup` / `sched_wakeup_new`: the woken task is enqueued now.
 //! - `sched_switch`: a `prev` that is still runnable (preempted) is enqueued again now; for `next`,
-//!   `now - enqueue` goes into a log2 histogram keyed by next's comm (from the record: the
-//!   switched-in task's cgroup is not reachable without BTF, because `current` is still `prev`).
+//!   `now - enqueue` goes into a log2 histogram keyed by next's comm (from the record) and the
+//!   cgroup next had when it was last switched out (recorded then, as `current` is prev at a
+//!   switch: the switched-in task's own cgroup is not reachable without BTF).
 //! - Context switches are counted by prev's comm: voluntary when prev was sleeping, involuntary
 //!   when it was still runnable, which is how the kernel counts `nvcsw`/`nivcsw`.
 //! - `sched_process_exec` / `sched_process_exit` (leader only) go to userspace through the ring
@@ -22,10 +23,10 @@ use agent_common::{
     COMM_LEN,
     hist::{HIST_SLOTS, slot},
     sched::{
-        PROC_EVENT_EXEC, PROC_EVENT_EXIT, ProcEvent, RunqHist, RunqKey, SCHED_EVENTS_BYTES,
-        SCHED_LOST_MAP_FULL, SCHED_LOST_READ_ERROR, SCHED_LOST_REASONS, SCHED_LOST_RINGBUF_FULL,
-        SCHED_RUNQ_HIST_MAX, SCHED_RUNQ_START_MAX, SCHED_SWITCHES_MAX, SchedConfig, SwitchCounts,
-        SwitchKey,
+        PROC_EVENT_EXEC, PROC_EVENT_EXIT, ProcEvent, RunqHist, RunqKey, RunqStart,
+        SCHED_EVENTS_BYTES, SCHED_LOST_MAP_FULL, SCHED_LOST_READ_ERROR, SCHED_LOST_REASONS,
+        SCHED_LOST_RINGBUF_FULL, SCHED_RUNQ_HIST_MAX, SCHED_RUNQ_START_MAX, SCHED_SWITCHES_MAX,
+        SchedConfig, SwitchCounts, SwitchKey,
     },
 };
 use aya_ebpf::{
@@ -44,7 +45,8 @@ use aya_ebpf::{
 static SCHED_CONFIG: Array<SchedConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-static SCHED_RUNQ_START: HashMap<u32, u64> = HashMap::with_max_entries(SCHED_RUNQ_START_MAX, 0);
+static SCHED_RUNQ_START: HashMap<u32, RunqStart> =
+    HashMap::with_max_entries(SCHED_RUNQ_START_MAX, 0);
 
 // A shared (not per-CPU) hash: a 528-byte value per CPU per comm would cost MiBs on big hosts.
 // Slots are bumped with atomic adds.
@@ -129,21 +131,35 @@ fn config() -> Option<&'static SchedConfig> {
 #[inline(always)]
 fn try_enqueue(ctx: &TracePointContext, pid_off: u32) -> Result<(), i64> {
     let pid: u32 = read(ctx, pid_off)?;
-    enqueue(pid, unsafe { bpf_ktime_get_ns() });
+    enqueue(pid, Some(unsafe { bpf_ktime_get_ns() }), None);
     Ok(())
 }
 
-/// Records that `pid` entered a run queue at `ts`, in place when it has an entry already.
+/// Records that `pid` entered a run queue at `ts` and/or its cgroup, whichever is given; in
+/// place when it has an entry already.
 #[inline(always)]
-fn enqueue(pid: u32, ts: u64) {
+fn enqueue(pid: u32, ts: Option<u64>, cgroup_id: Option<u64>) {
     if pid == 0 {
         // The idle task is never queued.
         return;
     }
     if let Some(p) = SCHED_RUNQ_START.get_ptr_mut(&pid) {
-        unsafe { *p = ts };
-    } else if SCHED_RUNQ_START.insert(&pid, &ts, 0).is_err() {
-        count_lost(SCHED_LOST_MAP_FULL);
+        unsafe {
+            if let Some(ts) = ts {
+                (*p).ts = ts;
+            }
+            if let Some(cg) = cgroup_id {
+                (*p).cgroup_id = cg;
+            }
+        }
+    } else {
+        let v = RunqStart {
+            ts: ts.unwrap_or(0),
+            cgroup_id: cgroup_id.unwrap_or(0),
+        };
+        if SCHED_RUNQ_START.insert(&pid, &v, 0).is_err() {
+            count_lost(SCHED_LOST_MAP_FULL);
+        }
     }
 }
 
@@ -165,10 +181,10 @@ fn try_switch(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
     };
     count_switch(&key, runnable);
 
-    // A preempted prev goes straight back to the run queue.
-    if runnable {
-        enqueue(prev_pid, now);
-    }
+    // A preempted prev goes straight back to the run queue; a sleeping one waits for its
+    // wakeup. Either way its cgroup (current is still prev) is kept for its next switch-in.
+    let prev_cgroup = unsafe { bpf_get_current_cgroup_id() };
+    enqueue(prev_pid, runnable.then_some(now), Some(prev_cgroup));
 
     // Run-queue latency of next.
     let next_pid: u32 = read(ctx, cfg.switch_next_pid)?;
@@ -178,15 +194,17 @@ fn try_switch(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
     let Some(start) = SCHED_RUNQ_START.get_ptr_mut(&next_pid) else {
         return Ok(());
     };
-    let ts = unsafe { *start };
+    let (ts, cgroup_id) = unsafe { ((*start).ts, (*start).cgroup_id) };
     if ts == 0 {
         // Running since before we attached, or already accounted.
         return Ok(());
     }
-    unsafe { *start = 0 };
+    unsafe { (*start).ts = 0 };
     let delta = now.saturating_sub(ts);
     let key = RunqKey {
         epoch: cfg.epoch,
+        _pad: 0,
+        cgroup_id,
         comm: read::<[u8; COMM_LEN]>(ctx, cfg.switch_next_comm)?,
     };
     record_latency(&key, delta);

@@ -311,6 +311,55 @@ pub fn wait_for(agent: &Agent, timeout: Duration, cond: impl Fn(&Metrics) -> boo
     }
 }
 
+/// A cgroup whose path names a container (`docker/<id>` in the v1 pids hierarchy, or a
+/// `docker-<id>.scope` under the v2 root), removed when dropped.
+pub struct FakeContainer {
+    pub dir: std::path::PathBuf,
+    pub id: String,
+}
+
+impl FakeContainer {
+    /// Creates the cgroup.
+    #[must_use]
+    pub fn create() -> Self {
+        let id = format!("{:016x}", u64::from(std::process::id()) * 0x9e37_79b9).repeat(4);
+        let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+        let dir = if v1.is_dir() {
+            v1.join("docker").join(&id)
+        } else {
+            std::path::Path::new("/sys/fs/cgroup").join(format!("docker-{id}.scope"))
+        };
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Self { dir, id }
+    }
+
+    /// A `docker-<id>.scope` in the cgroup v2 hierarchy (at /sys/fs/cgroup, or
+    /// /sys/fs/cgroup/unified on hybrid hosts), where `bpf_get_current_cgroup_id` looks.
+    #[must_use]
+    pub fn create_v2() -> Self {
+        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(std::path::Path::new)
+            .find(|p| p.join("cgroup.controllers").exists())
+            .expect("a cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified");
+        let id = format!("{:016x}", u64::from(std::process::id()) * 0x7f4a_7c15).repeat(4);
+        let dir = root.join(format!("docker-{id}.scope"));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Self { dir, id }
+    }
+}
+
+impl Drop for FakeContainer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        if self.dir.parent().is_some_and(|p| p.ends_with("docker")) {
+            let _ = std::fs::remove_dir(self.dir.parent().unwrap());
+        }
+    }
+}
+
 #[cfg(test)]
 mod parser_tests {
     use super::*;

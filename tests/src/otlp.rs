@@ -29,7 +29,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 
-use crate::{Agent, comm, free_port, http_get, tanzhen_bin};
+use crate::{Agent, FakeContainer, comm, free_port, http_get, tanzhen_bin};
 
 /// What the receiver got.
 #[derive(Default)]
@@ -912,37 +912,6 @@ fn otel_environment_is_honoured() {
         !agent.log_text().contains("s3cr3t"),
         "a header value reached the log"
     );
-}
-
-/// A cgroup whose path names a container (`docker/<id>` in the v1 pids hierarchy, or a
-/// `docker-<id>.scope` under the v2 root), removed when dropped.
-struct FakeContainer {
-    dir: std::path::PathBuf,
-    id: String,
-}
-
-impl FakeContainer {
-    fn create() -> Self {
-        let id = format!("{:016x}", u64::from(std::process::id()) * 0x9e37_79b9).repeat(4);
-        let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
-        let dir = if v1.is_dir() {
-            v1.join("docker").join(&id)
-        } else {
-            std::path::Path::new("/sys/fs/cgroup").join(format!("docker-{id}.scope"))
-        };
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
-        Self { dir, id }
-    }
-}
-
-impl Drop for FakeContainer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-        if self.dir.parent().is_some_and(|p| p.ends_with("docker")) {
-            let _ = std::fs::remove_dir(self.dir.parent().unwrap());
-        }
-    }
 }
 
 /// A process in a container's cgroup gets `container.id` on its spans.

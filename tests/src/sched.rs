@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Agent, Metrics, comm, wait_for};
+use crate::{Agent, FakeContainer, Metrics, comm, wait_for};
 
 /// Sets the calling thread's comm (prctl PR_SET_NAME).
 fn set_comm(name: &str) {
@@ -322,4 +322,45 @@ fn execs_and_exits_are_counted_exactly() {
         0.0
     );
     assert_eq!(dropped(&m), 0.0, "{}", m.0);
+}
+
+/// Run-queue latency is also keyed by cgroup: a shell that joins a cgroup named like a docker
+/// container and then sleeps and wakes 40 times (bash's `read -t`, no forks) has its samples
+/// under that container's id, and none of them under `container_id=""`.
+#[test]
+fn runqueue_latency_names_the_container() {
+    let agent = Agent::start(&["--probes", "sched", "--interval", "1s"]);
+    let c = FakeContainer::create_v2();
+    let name = comm("tzcg");
+    // exec -a sets argv[0]; the comm comes from the file name, so run bash through a symlink
+    // with the distinctive name.
+    let link = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/bin/bash", &link).unwrap();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && {{ for i in {{1..40}}; do read -r -t 0.01 _; done; true; }}",
+        c.dir.display()
+    );
+    let mut child = std::process::Command::new(&link)
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("bash");
+    // Kept open (no data, no EOF) so that every `read -t` sleeps until its timeout.
+    let stdin = child.stdin.take();
+    let st = child.wait().expect("wait for bash");
+    drop(stdin);
+    let _ = std::fs::remove_file(&link);
+    assert!(st.success(), "the workload failed: {st}");
+    let count = |m: &Metrics, id: &str| {
+        m.sum(
+            "tanzhen_sched_runqueue_latency_seconds_count",
+            &[("comm", &name), ("container_id", id)],
+        )
+    };
+    let m = wait_for(&agent, Duration::from_secs(20), |m| count(m, &c.id) >= 40.0);
+    assert!(count(&m, &c.id) >= 40.0, "{}", m.0);
+    // Samples from before the shell joined (its start: fork, exec, page-cache waits) carry the
+    // root cgroup; a handful at most.
+    assert!(count(&m, "") <= 5.0, "{}", m.0);
 }

@@ -1,3 +1,4 @@
 //! Process metadata for labels: which container (and Kubernetes pod) a process runs in.
 
 pub mod cgroup;
+pub mod cgroup_ids;

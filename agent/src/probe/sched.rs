@@ -3,12 +3,14 @@
 //! shutdown), and turns process exec/exit events from the ring buffer into counters and a
 //! tgid -> (comm, exe) cache.
 //!
-//! Metrics: `tanzhen_sched_runqueue_latency_seconds{comm}` (log2 buckets, exact sum),
+//! Metrics: `tanzhen_sched_runqueue_latency_seconds{comm,container_id}` (log2 buckets, exact sum),
 //! `tanzhen_sched_context_switches_total{comm,kind}`, `tanzhen_process_execs_total{comm}`,
 //! `tanzhen_process_exits_total{comm}`; drops feed `tanzhen_events_lost_total{probe="sched",..}`.
 //!
-//! The run-queue histogram is keyed by the switched-in task's comm: at `sched_switch` the
-//! current task is still `prev`, so the kernel cannot name `next`'s cgroup without BTF.
+//! The run-queue histogram is keyed by the switched-in task's comm and cgroup id; the cgroup is
+//! the one the task had at its last switch-out (at `sched_switch` the current task is still
+//! `prev`, so the kernel cannot name `next`'s cgroup without BTF). Userspace turns cgroup ids
+//! into container ids ([`CgroupIds`]); on cgroup v1 hosts `container_id` stays empty.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -36,6 +38,7 @@ use tokio::{
 
 use crate::{
     kernel::{self, Format},
+    metadata::cgroup_ids::CgroupIds,
     probe::{
         ProbeError, take,
         tcp::{LossCounters, comm_str},
@@ -292,8 +295,8 @@ impl SchedMetrics {
             runq: snapshot.histogram(
                 Desc {
                     name: "tanzhen_sched_runqueue_latency_seconds",
-                    help: "Time runnable tasks waited in a run queue (wakeup or preemption to running), by the comm of the task.",
-                    labels: &["comm"],
+                    help: "Time runnable tasks waited in a run queue (wakeup or preemption to running), by the comm and container of the task.",
+                    labels: &["comm", "container_id"],
                 },
                 &LOG2_NS_BOUNDS,
             ),
@@ -326,11 +329,12 @@ impl SchedMetrics {
         }
     }
 
-    /// Adds one drained histogram entry.
-    pub fn add_runq(&self, key: &RunqKey, h: &RunqHist) {
+    /// Adds one drained histogram entry of a task in container `container_id` ("" for none).
+    pub fn add_runq(&self, key: &RunqKey, container_id: &str, h: &RunqHist) {
         #[expect(clippy::cast_precision_loss, reason = "ns sums fit f64 closely enough")]
         let sum = h.sum_ns as f64 / 1e9;
-        self.runq.add_counts(&[&comm_str(&key.comm)], &h.slots, sum);
+        self.runq
+            .add_counts(&[&comm_str(&key.comm), container_id], &h.slots, sum);
     }
 
     /// Counts one process event.
@@ -420,6 +424,7 @@ impl SchedProbe {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut cgroups = CgroupIds::new();
         loop {
             tokio::select! {
                 res = fd.readable_mut() => {
@@ -435,14 +440,14 @@ impl SchedProbe {
                         log::error!("sched: writing {SCHED_CONFIG}: {e}");
                     }
                     tokio::time::sleep(EPOCH_GRACE).await;
-                    drain_maps(&mut switches, &mut hist, &metrics, Some(cfg.epoch));
+                    drain_maps(&mut switches, &mut hist, (&metrics, &mut cgroups), Some(cfg.epoch));
                     read_lost(&lost, &progs, &loss);
                 }
                 _ = stop.changed() => break,
             }
         }
         drain_events(fd.get_mut(), &metrics, &cache, &loss);
-        drain_maps(&mut switches, &mut hist, &metrics, None);
+        drain_maps(&mut switches, &mut hist, (&metrics, &mut cgroups), None);
         read_lost(&lost, &progs, &loss);
         Ok(())
     }
@@ -484,7 +489,7 @@ fn drain_events(
 fn drain_maps(
     switches: &mut PerCpuHashMap<MapData, SwitchKey, SwitchCounts>,
     hist: &mut HashMap<MapData, RunqKey, RunqHist>,
-    metrics: &SchedMetrics,
+    (metrics, cgroups): (&SchedMetrics, &mut CgroupIds),
     keep: Option<u32>,
 ) {
     let old = |epoch: u32| keep != Some(epoch);
@@ -523,7 +528,7 @@ fn drain_maps(
         .collect();
     for k in keys {
         match hist.get(&k, 0) {
-            Ok(h) => metrics.add_runq(&k, &h),
+            Ok(h) => metrics.add_runq(&k, cgroups.container_id(k.cgroup_id), &h),
             Err(e) => log::debug!("sched: reading {SCHED_RUNQ_HIST}: {e}"),
         }
         if let Err(e) = hist.remove(&k) {
@@ -718,9 +723,15 @@ mod tests {
             sum_ns: 3_000,
         };
         h.slots[agent_common::hist::slot(1_500)] = 2;
-        m.add_runq(&RunqKey { epoch: 1, comm }, &h);
+        let key = RunqKey {
+            epoch: 1,
+            cgroup_id: 42,
+            comm,
+            ..RunqKey::default()
+        };
+        m.add_runq(&key, "c0ffee", &h);
         let (labels, d) = m.runq.snapshot().pop().unwrap();
-        assert_eq!(labels, vec!["tzp".to_owned()]);
+        assert_eq!(labels, vec!["tzp".to_owned(), "c0ffee".to_owned()]);
         assert_eq!((d.count, d.counts[11]), (2, 2));
         assert!((d.sum - 3e-6).abs() < 1e-12);
         m.record(&event(PROC_EVENT_EXEC, 1, b"tzp", b"/x"));
