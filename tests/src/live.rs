@@ -468,6 +468,63 @@ fn watch_json_prints_one_object_per_event() {
 }
 
 #[test]
+fn watch_standalone_loads_the_probe_itself() {
+    let mut child = Command::new(tanzhen_bin())
+        .args(["watch", "tcp", "--standalone", "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (sync, name) = (comm("tzsync"), comm("tzsa"));
+    let mut lines = Vec::new();
+    synchronise(&sync, || {
+        lines.extend(rx.try_iter());
+        lines.iter().any(|l| l.contains(&sync))
+    });
+    let closed: SocketAddr = (Ipv4Addr::LOCALHOST, free_port()).into();
+    connects(&name, listener(), 2, closed, 1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mine = |lines: &[String]| lines.iter().filter(|l| l.contains(&name)).count();
+    while mine(&lines) < 3 && Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            lines.push(l);
+        }
+    }
+    thread::sleep(Duration::from_millis(500));
+    lines.extend(rx.try_iter());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "Ctrl-C exits 0: {err}");
+    let mine: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|v| v["process"]["comm"] == name.as_str())
+        .collect();
+    assert_eq!(mine.len(), 3, "{lines:#?}");
+    assert_eq!(
+        mine.iter()
+            .filter(|v| v["outcome"] == "established")
+            .count(),
+        2
+    );
+}
+
+#[test]
 fn watch_reports_a_lost_agent_and_retries() {
     let mut agent = Agent::start(&["--probes", "tcp"]);
     let addr = agent.addr;
@@ -674,4 +731,49 @@ fn top_full_screen_under_a_terminal_quits_on_q() {
     });
     tmux.run(&["send-keys", "-t", "t", "q"]);
     tmux.wait_screen("TOP-EXIT=0", |s| s.contains("TOP-EXIT=0"));
+}
+
+#[test]
+fn the_api_and_the_clients_honour_the_bearer_token() {
+    let dir = std::env::temp_dir().join(format!("tanzhen-live-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret-live\n").unwrap();
+    let agent = Agent::start(&[
+        "--probes",
+        "tcp",
+        "--interval",
+        "1s",
+        "--auth-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let (status, _) = http_get(agent.addr, "/api/v1/probes").unwrap();
+    assert_eq!(status, 401, "the API needs the token");
+    let top = |with_token: bool| {
+        let mut c = Command::new(tanzhen_bin());
+        c.args(["top", "--by", "connects", "--agent"])
+            .arg(format!("http://{}", agent.addr));
+        if with_token {
+            c.arg("--auth-token-file").arg(&token);
+        }
+        c.output().unwrap()
+    };
+    let denied = top(false);
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert_eq!(denied.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("401") && err.contains("--auth-token-file"),
+        "{err}"
+    );
+    let ok = top(true);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out.starts_with("top connects/s over "), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

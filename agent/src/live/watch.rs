@@ -351,8 +351,10 @@ impl Printer {
                 s.push('\n');
             }
             What::Syscalls => {
-                // Before the first full interval the agent has no rates yet.
-                if v["window_seconds"].as_f64().unwrap_or(0.0) <= 0.0 {
+                // Before the first full interval there are no rates yet.
+                if v["window_seconds"].as_f64().unwrap_or(0.0) <= 0.0
+                    || v["rows"].as_array().is_none_or(Vec::is_empty)
+                {
                     return s;
                 }
                 let title = format!(
