@@ -47,8 +47,8 @@ pub struct HttpArgs {
     #[arg(long, env = "TANZHEN_TLS_KEY", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
 
-    /// File holding a bearer token: requests to /metrics (everything but /healthz) must send
-    /// `Authorization: Bearer TOKEN` or get 401. The token is never logged.
+    /// File holding a bearer token: requests to /metrics and /api/v1 (everything but /healthz)
+    /// must send `Authorization: Bearer TOKEN` or get 401. The token is never logged.
     #[arg(long, env = "TANZHEN_AUTH_TOKEN_FILE", value_name = "PATH")]
     pub auth_token_file: Option<PathBuf>,
 }
