@@ -11,7 +11,9 @@ use tokio::{
 use crate::{
     cli::{RunArgs, VERSION},
     export::otlp::{Otlp, OtlpConfig},
-    kernel, loader,
+    kernel,
+    live::{Fanout, Live},
+    loader,
     probe::{
         ProbeError, ProbeKind,
         sched::SchedProbe,
@@ -140,21 +142,7 @@ async fn run_async(
         help: "1 when the probe is attached and running, 0 when it failed.",
         labels: &["probe"],
     });
-    // Loss counters stay exported (at 0) for as long as the agent runs: no TTL.
-    let loss = LossCounters {
-        events_lost: snapshot.counter(Desc {
-            name: "tanzhen_events_lost",
-            help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error; recursion: runs the kernel skipped because another BPF program was active on the CPU).",
-            labels: &["probe", "reason"],
-        }),
-        decode_errors: snapshot.counter(Desc {
-            name: "tanzhen_decode_errors",
-            help: "Kernel records userspace could not decode (short or unknown), by probe.",
-            labels: &["probe"],
-        }),
-    };
-    loss.events_lost.persistent();
-    loss.decode_errors.persistent();
+    let loss = LossCounters::register(&snapshot);
 
     let otlp = otlp
         .map(|cfg| Otlp::start(&cfg, &snapshot))
@@ -164,6 +152,17 @@ async fn run_async(
         .as_ref()
         .and_then(|o| o.sink.clone())
         .map(|s| s as std::sync::Arc<dyn ConnectSink>);
+    // The live views' event rings get every connect and process event (one push each).
+    let live = Arc::new(Live::new(
+        args.event_buffer_size,
+        snapshot.clone(),
+        Some(loss.clone()),
+        args.interval,
+    ));
+    let connect_sink: Arc<dyn ConnectSink> = match &span_sink {
+        Some(spans) => Arc::new(Fanout(vec![spans.clone(), live.clone()])),
+        None => live.clone(),
+    };
 
     let tracefs = kernel::tracefs().map_err(|e| fatal(&e))?;
     if tracefs.mounted_now {
@@ -199,24 +198,27 @@ async fn run_async(
         tracefs: tracefs.path.clone(),
         snapshot: snapshot.clone(),
         loss: loss.clone(),
-        sink: span_sink.clone(),
+        sink: Some(connect_sink),
+        live: live.clone(),
         interval: args.interval,
         syscalls: SyscallsOptions {
             interval: args.interval,
             comm_filter: args.syscalls_comm_filter.clone(),
         },
     };
-    let mut live = LiveProbes::default();
+    let mut probes = LiveProbes::default();
     let mut attached = Vec::new();
     for &kind in args.probes.iter() {
-        match live.start(kind, &mut ebpf, &ctx, &mut tasks) {
+        match probes.start(kind, &mut ebpf, &ctx, &mut tasks) {
             Ok(()) => {
                 probe_up.set(&[kind.name()], 1);
                 loss.decode_errors.inc_by(&[kind.name()], 0);
+                live.attached(kind);
                 attached.push(kind.name());
             }
             Err(e) => {
                 probe_up.set(&[kind.name()], 0);
+                live.detached(kind, Some(hint(&e)));
                 let msg = format!("probe `{kind}` failed to attach: {}", hint(&e));
                 if !args.probes.lenient() {
                     return Err(RunError::Fatal(msg));
@@ -247,9 +249,13 @@ async fn run_async(
             let server = tokio::spawn(server::serve(
                 listener,
                 snapshot.clone(),
+                live.clone(),
                 stop_rx.clone(),
                 security,
             ));
+            // Rates for /api/v1/top, sampled every interval.
+            let (top, snap, stop) = (live.clone(), snapshot.clone(), stop_rx.clone());
+            tokio::spawn(async move { top.top.run(snap, stop).await });
             (
                 Some(server),
                 format!("metrics at {scheme}://{addr}/metrics{auth}"),
@@ -277,7 +283,7 @@ async fn run_async(
             }
             _ = sighup.recv() => {
                 if let Some(new) = reload(&mut running) {
-                    apply_probes(&new, &mut running, &mut live, &mut ebpf, &ctx, &mut tasks, &probe_up);
+                    apply_probes(&new, &mut running, &mut probes, &mut ebpf, &ctx, &mut tasks, &probe_up);
                 }
             }
             Some(res) = tasks.join_next_with_id() => {
@@ -285,7 +291,7 @@ async fn run_async(
                     Ok((id, _)) => *id,
                     Err(e) => e.id(),
                 };
-                if let Some(kind) = live.detached.remove(&id) {
+                if let Some(kind) = probes.detached.remove(&id) {
                     match res {
                         Ok((_, Ok(()))) => log::info!("probe `{kind}` detached and drained"),
                         other => log::error!("probe `{kind}` while detaching: {other:?}"),
@@ -293,6 +299,9 @@ async fn run_async(
                     continue;
                 }
                 log::error!("a probe stopped unexpectedly: {res:?}");
+                if let Some(kind) = probes.kind_of(id) {
+                    live.detached(kind, Some(format!("stopped unexpectedly: {res:?}")));
+                }
                 break;
             }
         }
@@ -300,7 +309,7 @@ async fn run_async(
     // Detach first (dropping Ebpf drops the links), then let the drain tasks flush what the
     // kernel already submitted, then stop serving.
     drop(ebpf);
-    live.stop_all();
+    probes.stop_all();
     let _ = stop_tx.send(true);
     while let Some(res) = tasks.join_next().await {
         match res {
@@ -361,6 +370,8 @@ struct ProbeCtx {
     snapshot: Arc<Snapshot>,
     loss: LossCounters,
     sink: Option<Arc<dyn ConnectSink>>,
+    /// The live views' hub (process events go to its rings).
+    live: Arc<Live>,
     interval: std::time::Duration,
     syscalls: SyscallsOptions,
 }
@@ -413,6 +424,7 @@ impl LiveProbes {
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.interval,
+                    Some(ctx.live.clone()),
                 )?;
                 tasks.spawn(p.run(rx))
             }
@@ -459,6 +471,11 @@ impl LiveProbes {
         }
     }
 
+    /// The probe whose drain task is `id`.
+    fn kind_of(&self, id: tokio::task::Id) -> Option<ProbeKind> {
+        self.running.iter().find(|r| r.2 == id).map(|r| r.0)
+    }
+
     fn kinds(&self) -> Vec<ProbeKind> {
         self.running.iter().map(|(k, ..)| *k).collect()
     }
@@ -489,6 +506,7 @@ fn apply_probes(
             match live.stop(kind, ebpf) {
                 Ok(()) => {
                     probe_up.set(&[kind.name()], 0);
+                    ctx.live.detached(kind, None);
                     log::info!("SIGHUP: probe `{kind}` detached");
                 }
                 Err(e) => log::error!("SIGHUP: detaching probe `{kind}`: {e}"),
@@ -503,10 +521,12 @@ fn apply_probes(
             Ok(()) => {
                 probe_up.set(&[kind.name()], 1);
                 ctx.loss.decode_errors.inc_by(&[kind.name()], 0);
+                ctx.live.attached(kind);
                 log::info!("SIGHUP: probe `{kind}` attached");
             }
             Err(e) => {
                 probe_up.set(&[kind.name()], 0);
+                ctx.live.detached(kind, Some(hint(&e)));
                 log::error!("SIGHUP: probe `{kind}` failed to attach: {}", hint(&e));
             }
         }

@@ -37,6 +37,12 @@ pub enum Command {
     /// Configuration file helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print live events (tcp connects, process execs) or per-interval syscall top lines from a
+    /// running agent, or with --standalone from probes loaded for this session.
+    Watch(crate::live::watch::WatchArgs),
+    /// Full-screen view of the top processes by syscalls, connects or run-queue wait, refreshed
+    /// every interval (one table when stdout is not a terminal).
+    Top(crate::live::tui::TopArgs),
 }
 
 /// `tanzhen config ...`
@@ -97,11 +103,23 @@ pub struct RunArgs {
     #[arg(long, env = "TANZHEN_SYSCALLS_MAP_ENTRIES", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
     pub syscalls_map_entries: Option<u32>,
 
+    /// Capacity of each in-memory ring of recent events served by /api/v1/events (tcp, exec,
+    /// exit): the oldest event goes when a new one arrives.
+    #[arg(long, env = "TANZHEN_EVENT_BUFFER_SIZE", default_value_t = crate::live::DEFAULT_EVENT_BUFFER, value_parser = parse_buffer_size)]
+    pub event_buffer_size: usize,
+
     #[command(flatten)]
     pub file: crate::config::ConfigArgs,
 
     #[command(flatten)]
     pub http: crate::server::HttpArgs,
+}
+
+fn parse_buffer_size(s: &str) -> Result<usize, String> {
+    s.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=1_000_000).contains(n))
+        .ok_or_else(|| format!("`{s}` is not an event count between 1 and 1000000; use e.g. 1024"))
 }
 
 fn parse_regex(s: &str) -> Result<Regex, String> {

@@ -9,11 +9,8 @@ mod export;
 #[cfg(test)]
 mod hostile;
 mod kernel;
+mod live;
 mod loader;
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "container labels are wired into the probes next")
-)]
 mod metadata;
 mod probe;
 mod process;
@@ -58,6 +55,8 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Watch(args) => live::watch::main(&args),
+        Command::Top(args) => live::tui::main(&args),
         Command::Check => {
             if check::check() {
                 ExitCode::SUCCESS

@@ -1,5 +1,6 @@
-//! The HTTP endpoint: `/metrics` (Prometheus/OpenMetrics) and `/healthz`, over plain HTTP or
-//! TLS (rustls), with optional bearer-token auth on everything but `/healthz`.
+//! The HTTP endpoint: `/metrics` (Prometheus/OpenMetrics), `/healthz` and the JSON API under
+//! `/api/v1` (see `live::api` and `docs/openapi.yaml`), over plain HTTP or TLS (rustls), with
+//! optional bearer-token auth on everything but `/healthz`.
 
 #[cfg(feature = "tls")]
 use std::time::Duration;
@@ -7,11 +8,11 @@ use std::{path::PathBuf, sync::Arc};
 
 use axum::{
     Router,
-    extract::{Request, State},
+    extract::{FromRef, Request, State},
     http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{MethodRouter, get},
 };
 use tokio::sync::watch;
 #[cfg(feature = "tls")]
@@ -28,6 +29,7 @@ pub enum TlsConfig {}
 
 use crate::{
     export::prometheus::{self, Format},
+    live::{Live, api},
     snapshot::Snapshot,
 };
 
@@ -42,8 +44,8 @@ pub struct HttpArgs {
     #[arg(long, env = "TANZHEN_TLS_KEY", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
 
-    /// File holding a bearer token: requests to /metrics (everything but /healthz) must send
-    /// `Authorization: Bearer TOKEN` or get 401. The token is never logged.
+    /// File holding a bearer token: requests to /metrics and /api/v1 (everything but /healthz)
+    /// must send `Authorization: Bearer TOKEN` or get 401. The token is never logged.
     #[arg(long, env = "TANZHEN_AUTH_TOKEN_FILE", value_name = "PATH")]
     pub auth_token_file: Option<PathBuf>,
 }
@@ -119,22 +121,64 @@ fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsConfig
     crate::tls::server_config(("--tls-cert", cert), ("--tls-key", key))
 }
 
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub snapshot: Arc<Snapshot>,
+    pub api: api::ApiState,
+}
+
+impl FromRef<AppState> for Arc<Snapshot> {
+    fn from_ref(s: &AppState) -> Self {
+        s.snapshot.clone()
+    }
+}
+
+impl FromRef<AppState> for api::ApiState {
+    fn from_ref(s: &AppState) -> Self {
+        s.api.clone()
+    }
+}
+
+/// Every route the endpoint serves (all GET): path, handler, and whether the bearer token (when
+/// set) is required. `docs/openapi.yaml` documents exactly these paths (a unit test checks).
+pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>, bool)> {
+    vec![
+        ("/", get(index), true),
+        ("/metrics", get(metrics), true),
+        ("/api/v1/probes", get(api::probes), true),
+        ("/api/v1/events", get(api::events), true),
+        ("/api/v1/top", get(api::top), true),
+        ("/healthz", get(|| async { "ok\n" }), false),
+    ]
+}
+
 /// Serves until `stop` turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     snapshot: Arc<Snapshot>,
+    live: Arc<Live>,
     mut stop: watch::Receiver<bool>,
     security: Security,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/", get(index))
+    let (authed, open): (Vec<_>, Vec<_>) = routes().into_iter().partition(|r| r.2);
+    let app = authed
+        .into_iter()
+        .fold(Router::new(), |r, (path, h, _)| r.route(path, h))
         .route_layer(middleware::from_fn_with_state(
             security.token.clone(),
             require_token,
-        ))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(snapshot);
+        ));
+    let app = open
+        .into_iter()
+        .fold(app, |r, (path, h, _)| r.route(path, h))
+        .with_state(AppState {
+            snapshot,
+            api: api::ApiState {
+                live,
+                stop: stop.clone(),
+            },
+        });
     let Some(tls) = security.tls else {
         return axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -252,12 +296,47 @@ async fn metrics(State(snapshot): State<Arc<Snapshot>>, headers: HeaderMap) -> R
 }
 
 async fn index() -> &'static str {
-    "tanzhen: see /metrics (Prometheus) and /healthz\n"
+    "tanzhen: see /metrics (Prometheus), /api/v1/probes, /api/v1/events, /api/v1/top and /healthz\n"
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Paths under `paths:` in docs/openapi.yaml (two-space indented keys starting with `/`).
+    fn openapi_paths() -> Vec<String> {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml"))
+                .expect("docs/openapi.yaml");
+        let mut in_paths = false;
+        let mut out = Vec::new();
+        for line in text.lines() {
+            if !line.starts_with(' ') && !line.is_empty() {
+                in_paths = line.trim_end() == "paths:";
+                continue;
+            }
+            if in_paths
+                && let Some(key) = line.strip_prefix("  ")
+                && key.starts_with('/')
+                && let Some(path) = key.trim_end().strip_suffix(':')
+            {
+                out.push(path.trim_matches(['"', '\'']).to_owned());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn openapi_documents_every_route_and_only_those() {
+        let mut served: Vec<String> = routes().iter().map(|r| r.0.to_owned()).collect();
+        let mut documented = openapi_paths();
+        served.sort();
+        documented.sort();
+        assert_eq!(
+            served, documented,
+            "routes() and docs/openapi.yaml `paths` differ"
+        );
+    }
 
     #[test]
     fn token_comparison() {

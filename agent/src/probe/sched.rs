@@ -279,6 +279,13 @@ fn cstr(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// Receives every decoded process event (exec and exit), e.g. the live event rings, so the
+/// probe does not depend on them. Called inline in the drain loop: must not block.
+pub trait ProcSink: Send + Sync {
+    /// One process exec'd or exited.
+    fn process(&self, ev: &ProcEvent);
+}
+
 /// The scheduler probe's metric families.
 #[derive(Debug)]
 pub struct SchedMetrics {
@@ -362,6 +369,7 @@ pub struct SchedProbe {
     cache: Arc<ProcessCache>,
     loss: LossCounters,
     interval: Duration,
+    sink: Option<Arc<dyn ProcSink>>,
 }
 
 impl SchedProbe {
@@ -372,6 +380,7 @@ impl SchedProbe {
         snapshot: &Snapshot,
         loss: LossCounters,
         interval: Duration,
+        sink: Option<Arc<dyn ProcSink>>,
     ) -> Result<Self, ProbeError> {
         let cfg = config(&SchedFormats::read(tracefs)?)?;
         log::debug!("sched tracepoint layout: {cfg:?}");
@@ -399,6 +408,7 @@ impl SchedProbe {
             cache: Arc::default(),
             loss,
             interval,
+            sink,
         })
     }
 
@@ -417,7 +427,9 @@ impl SchedProbe {
             cache,
             loss,
             interval,
+            sink,
         } = self;
+        let sink = sink.as_deref();
         // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf.
         let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(std::io::Error::from)?;
@@ -429,7 +441,7 @@ impl SchedProbe {
             tokio::select! {
                 res = fd.readable_mut() => {
                     let mut guard = res?;
-                    drain_events(guard.get_inner_mut(), &metrics, &cache, &loss);
+                    drain_events(guard.get_inner_mut(), &metrics, &cache, &loss, sink);
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
@@ -446,7 +458,7 @@ impl SchedProbe {
                 _ = stop.changed() => break,
             }
         }
-        drain_events(fd.get_mut(), &metrics, &cache, &loss);
+        drain_events(fd.get_mut(), &metrics, &cache, &loss, sink);
         drain_maps(&mut switches, &mut hist, (&metrics, &mut cgroups), None);
         read_lost(&lost, &progs, &loss);
         Ok(())
@@ -458,11 +470,15 @@ fn drain_events(
     metrics: &SchedMetrics,
     cache: &ProcessCache,
     loss: &LossCounters,
+    sink: Option<&dyn ProcSink>,
 ) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(ev) => {
                 metrics.record(&ev);
+                if let Some(sink) = sink {
+                    sink.process(&ev);
+                }
                 let gone = cache.apply(&ev);
                 log::trace!(
                     "sched: {} tgid={} comm={} exe={}",

@@ -189,6 +189,26 @@ pub struct LossCounters {
 }
 
 impl LossCounters {
+    /// Registers `tanzhen_events_lost_total` and `tanzhen_decode_errors_total` in `snapshot`;
+    /// they stay exported (at 0) for as long as the agent runs: no TTL.
+    pub fn register(snapshot: &Snapshot) -> Self {
+        let loss = Self {
+            events_lost: snapshot.counter(Desc {
+                name: "tanzhen_events_lost",
+                help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error; recursion: runs the kernel skipped because another BPF program was active on the CPU).",
+                labels: &["probe", "reason"],
+            }),
+            decode_errors: snapshot.counter(Desc {
+                name: "tanzhen_decode_errors",
+                help: "Kernel records userspace could not decode (short or unknown), by probe.",
+                labels: &["probe"],
+            }),
+        };
+        loss.events_lost.persistent();
+        loss.decode_errors.persistent();
+        loss
+    }
+
     /// Copies a probe's per-CPU kernel drop counters (slot `i` = `reasons[i]`) into
     /// `tanzhen_events_lost_total{probe,reason}`.
     pub fn read_kernel(&self, probe: &str, lost: &PerCpuArray<MapData, u64>, reasons: &[&str]) {
