@@ -12,7 +12,10 @@
 //! Field offsets come from tracefs through [`TCP_TP_OFFSETS`]; every drop is counted in
 //! [`TCP_LOST`].
 
-use crate::field::{self, read};
+use crate::{
+    field::{self, read},
+    transport::Events,
+};
 use agent_common::{
     COMM_LEN,
     tcp::{
@@ -29,12 +32,12 @@ use aya_ebpf::{
         generated::bpf_get_current_cgroup_id,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TracePointContext,
 };
 
 #[map]
-static TCP_EVENTS: RingBuf = RingBuf::with_byte_size(TCP_EVENTS_BYTES, 0);
+static TCP_EVENTS: Events<TcpEvent> = Events::new(TCP_EVENTS_BYTES);
 
 #[map]
 static TCP_TP_OFFSETS: Array<TcpTpOffsets> = Array::with_max_entries(1, 0);
@@ -231,7 +234,7 @@ fn emit(
     let sport: u16 = read(ctx, off.sport)?;
     let dport: u16 = read(ctx, off.dport)?;
 
-    let Some(mut entry) = TCP_EVENTS.reserve::<TcpEvent>(0) else {
+    let Some(mut entry) = TCP_EVENTS.reserve() else {
         count_lost(TCP_LOST_RINGBUF_FULL);
         return Ok(());
     };
@@ -250,7 +253,9 @@ fn emit(
         daddr,
         comm: *comm,
     });
-    entry.submit(0);
+    if entry.submit(ctx).is_err() {
+        count_lost(TCP_LOST_RINGBUF_FULL);
+    }
     Ok(())
 }
 

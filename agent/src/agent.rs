@@ -144,7 +144,7 @@ async fn run_async(
     let loss = LossCounters {
         events_lost: snapshot.counter(Desc {
             name: "tanzhen_events_lost",
-            help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error; recursion: runs the kernel skipped because another BPF program was active on the CPU).",
+            help: "Events dropped in the kernel, by probe and reason (ringbuf_full, perf_lost, perf_output_error, map_full, read_error; recursion: runs the kernel skipped because another BPF program was active on the CPU).",
             labels: &["probe", "reason"],
         }),
         decode_errors: snapshot.counter(Desc {
@@ -182,7 +182,22 @@ async fn run_async(
             vec![(SYSCALL_COUNTS_0, n), (SYSCALL_COUNTS_1, n)]
         })
         .unwrap_or_default();
-    let mut ebpf = loader::load(&max_entries).map_err(|e| fatal(&e))?;
+    let transport = args
+        .compat
+        .transport
+        .resolve(&kernel::has_ringbuf())
+        .map_err(RunError::Usage)?;
+    let btf_source = args
+        .compat
+        .btf_source(kernel::has_btf())
+        .map_err(RunError::Usage)?;
+    let btf = btf_source.load().map_err(RunError::Usage)?;
+    log::info!(
+        "event transport: {}; BTF: {}",
+        transport.name(),
+        btf_source.describe()
+    );
+    let mut ebpf = loader::load(transport, btf.as_ref(), &max_entries).map_err(|e| fatal(&e))?;
     loader::configure(
         &mut ebpf,
         agent_common::AgentConfig {
@@ -196,6 +211,7 @@ async fn run_async(
     let mut tasks = tokio::task::JoinSet::new();
     let ctx = ProbeCtx {
         tracefs: tracefs.path.clone(),
+        transport,
         snapshot: snapshot.clone(),
         loss: loss.clone(),
         sink: span_sink.clone(),
@@ -357,6 +373,7 @@ fn reload(running: &mut RunArgs) -> Option<RunArgs> {
 /// What attaching a probe needs besides the `Ebpf` object.
 struct ProbeCtx {
     tracefs: std::path::PathBuf,
+    transport: crate::transport::Transport,
     snapshot: Arc<Snapshot>,
     loss: LossCounters,
     sink: Option<Arc<dyn ConnectSink>>,
@@ -399,6 +416,7 @@ impl LiveProbes {
                 let p = TcpProbe::attach(
                     ebpf,
                     &ctx.tracefs,
+                    ctx.transport,
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.sink.clone(),
@@ -409,6 +427,7 @@ impl LiveProbes {
                 let p = SchedProbe::attach(
                     ebpf,
                     &ctx.tracefs,
+                    ctx.transport,
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.interval,
@@ -558,6 +577,9 @@ fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
     );
     if format!("{:?}", old.otlp) != format!("{:?}", new.otlp) {
         out.push(format!("otlp settings changed ({restart})"));
+    }
+    if format!("{:?}", old.compat) != format!("{:?}", new.compat) {
+        out.push(format!("transport/btf settings changed ({restart})"));
     }
     // Paths only; the token file's content is read at start.
     if format!("{:?}", old.http) != format!("{:?}", new.http) {

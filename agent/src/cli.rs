@@ -98,6 +98,9 @@ pub struct RunArgs {
     pub syscalls_map_entries: Option<u32>,
 
     #[command(flatten)]
+    pub compat: crate::compat::CompatArgs,
+
+    #[command(flatten)]
     pub file: crate::config::ConfigArgs,
 
     #[command(flatten)]
@@ -423,6 +426,20 @@ mod tests {
         assert!(line.contains("is not a valid regular expression"), "{line}");
         assert!(!line.contains('\n'), "{line}");
         assert!(run_args(&["--syscalls-map-entries", "0"]).is_err());
+    }
+
+    #[test]
+    fn compat_flags() {
+        use crate::{compat::BtfChoice, transport::TransportChoice};
+        let r = run_args(&[]).unwrap();
+        assert_eq!(r.compat.transport, TransportChoice::Auto);
+        assert_eq!(r.compat.btf, BtfChoice::Auto);
+        let r = run_args(&["--transport", "perf", "--btf", "none"]).unwrap();
+        assert_eq!(r.compat.transport, TransportChoice::Perf);
+        assert_eq!(r.compat.btf, BtfChoice::None);
+        let e = run_args(&["--transport", "netlink"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(one_line(&e).contains("netlink"), "{}", one_line(&e));
     }
 
     #[test]

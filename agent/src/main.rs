@@ -4,6 +4,7 @@ mod agent;
 mod caps;
 mod check;
 mod cli;
+mod compat;
 mod config;
 mod export;
 #[cfg(test)]
@@ -19,6 +20,7 @@ mod probe;
 mod process;
 mod server;
 mod snapshot;
+mod transport;
 
 use std::process::ExitCode;
 

@@ -161,6 +161,7 @@ fn connects_failures_and_accepts_are_counted_exactly() {
         "plausible total connect time {sum}"
     );
     assert_eq!(lost(&after), 0.0, "events lost\n{}", after.0);
+    agent.assert_compat_mode();
     assert_eq!(after.sum("tanzhen_probe_up", &[("probe", "tcp")]), 1.0);
     assert_eq!(after.sum("tanzhen_decode_errors_total", &[]), 0.0);
 

@@ -1,11 +1,19 @@
 //! TCP probe, userspace side: hands the tracepoint offsets to the kernel program, attaches it,
-//! drains its ring buffer with `AsyncFd` and turns events into connect/accept metrics.
+//! drains its events (ring buffer or perf buffers, see `transport.rs`) and turns them into
+//! connect/accept metrics.
 //!
 //! Metrics: `tanzhen_tcp_connects_total{comm,outcome}`, `tanzhen_tcp_connect_duration_seconds{comm}`
 //! (established connects only), `tanzhen_tcp_accepts_total{comm}`; drops feed
 //! `tanzhen_events_lost_total{probe="tcp",reason}` and `tanzhen_decode_errors_total{probe="tcp"}`.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use agent_common::{
     COMM_LEN,
@@ -18,18 +26,16 @@ use agent_common::{
 };
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::TracePoint,
 };
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use crate::{
     kernel::{self, Format},
     probe::{ProbeError, listeners, take},
     snapshot::{CounterVec, Desc, HistogramVec, Snapshot},
+    transport::{EventReader, Transport},
 };
 
 /// Name of the kernel program (`agent-ebpf/src/tcp.rs`).
@@ -45,13 +51,13 @@ pub const CONNECT_DURATION_BOUNDS: &[f64] = &[
 ];
 
 /// Label values of the drop reasons, indexed like `TCP_LOST_*`.
-const LOST_REASONS: [&str; TCP_LOST_REASONS as usize] = {
+fn lost_reasons(transport: Transport) -> [&'static str; TCP_LOST_REASONS as usize] {
     let mut r = [""; TCP_LOST_REASONS as usize];
-    r[TCP_LOST_RINGBUF_FULL as usize] = "ringbuf_full";
+    r[TCP_LOST_RINGBUF_FULL as usize] = transport.kernel_drop_reason();
     r[TCP_LOST_MAP_FULL as usize] = "map_full";
     r[TCP_LOST_READ_ERROR as usize] = "read_error";
     r
-};
+}
 
 /// Builds the offsets map entry from the tracepoint's `format`. Every field but `family`
 /// (added after 4.19) is required, at the size the program reads.
@@ -80,7 +86,7 @@ pub fn offsets(f: &Format) -> Result<TcpTpOffsets, ProbeError> {
     })
 }
 
-/// Why a ring buffer record could not be decoded.
+/// Why an event record could not be decoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("record of {0} bytes, expected {TCP_EVENT_SIZE}")]
@@ -89,7 +95,8 @@ pub enum DecodeError {
     Kind(u32),
 }
 
-/// Decodes one ring buffer record without trusting its length or contents.
+/// Decodes one event record (ring buffer or perf sample, which may carry trailing padding)
+/// without trusting its length or contents.
 pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
     if bytes.len() < TCP_EVENT_SIZE {
         return Err(DecodeError::Size(bytes.len()));
@@ -189,6 +196,15 @@ pub struct LossCounters {
 }
 
 impl LossCounters {
+    /// The perf buffers' own drop count (PERF_RECORD_LOST samples) as
+    /// `tanzhen_events_lost_total{probe,reason="perf_lost"}`.
+    pub fn read_perf(&self, probe: &str, transport: Transport, lost: &AtomicU64) {
+        if transport == Transport::Perf {
+            self.events_lost
+                .set_total(&[probe, "perf_lost"], lost.load(Ordering::Relaxed));
+        }
+    }
+
     /// Copies a probe's per-CPU kernel drop counters (slot `i` = `reasons[i]`) into
     /// `tanzhen_events_lost_total{probe,reason}`.
     pub fn read_kernel(&self, probe: &str, lost: &PerCpuArray<MapData, u64>, reasons: &[&str]) {
@@ -204,9 +220,10 @@ impl LossCounters {
     }
 }
 
-/// The attached TCP probe: its ring buffer and drop counters, ready to drain.
+/// The attached TCP probe: its event reader and drop counters, ready to drain.
 pub struct TcpProbe {
-    ring: RingBuf<MapData>,
+    events: EventReader,
+    transport: Transport,
     lost: PerCpuArray<MapData, u64>,
     metrics: TcpMetrics,
     loss: LossCounters,
@@ -218,6 +235,7 @@ impl TcpProbe {
     pub fn attach(
         ebpf: &mut Ebpf,
         tracefs: &Path,
+        transport: Transport,
         snapshot: &Snapshot,
         loss: LossCounters,
         sink: Option<Arc<dyn ConnectSink>>,
@@ -251,10 +269,11 @@ impl TcpProbe {
         prog.attach("sock", "inet_sock_set_state")?;
         seed_listeners(ebpf)?;
 
-        let ring = take(ebpf, TCP_EVENTS)?;
+        let events = EventReader::open(ebpf, TCP_EVENTS, transport)?;
         let lost = take(ebpf, TCP_LOST)?;
         Ok(Self {
-            ring,
+            events,
+            transport,
             lost,
             metrics: TcpMetrics::register(snapshot),
             loss,
@@ -262,34 +281,36 @@ impl TcpProbe {
         })
     }
 
-    /// Drains the ring buffer until `stop` turns true, then drains what is left and returns.
+    /// Drains the events until `stop` turns true, then drains what is left and returns.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ProbeError> {
         let Self {
-            ring,
+            mut events,
+            transport,
             lost,
             metrics,
             loss,
             sink,
         } = self;
         let sink = sink.as_deref();
-        // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(std::io::Error::from)?;
+        let perf_lost = events.lost();
+        let reasons = lost_reasons(transport);
+        let read_lost = || {
+            loss.read_kernel(PROBE, &lost, &reasons);
+            loss.read_perf(PROBE, transport, &perf_lost);
+        };
+        read_lost();
+        let mut on_record = |bytes: &[u8]| handle(bytes, &metrics, &loss, sink);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                res = fd.readable_mut() => {
-                    let mut guard = res?;
-                    drain(guard.get_inner_mut(), &metrics, &loss, sink);
-                    guard.clear_ready();
-                }
-                _ = tick.tick() => read_lost(&lost, &loss),
+                res = events.read(&mut on_record) => res?,
+                _ = tick.tick() => read_lost(),
                 _ = stop.changed() => break,
             }
         }
-        // Flush: events submitted before detach are still in the buffer.
-        drain(fd.get_mut(), &metrics, &loss, sink);
-        read_lost(&lost, &loss);
+        // Flush: events submitted before detach are still in the buffers.
+        events.drain(&mut on_record);
+        read_lost();
         Ok(())
     }
 }
@@ -327,14 +348,10 @@ fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    metrics: &TcpMetrics,
-    loss: &LossCounters,
-    sink: Option<&dyn ConnectSink>,
-) {
-    while let Some(item) = ring.next() {
-        match decode(&item) {
+/// Decodes and records one event record.
+fn handle(bytes: &[u8], metrics: &TcpMetrics, loss: &LossCounters, sink: Option<&dyn ConnectSink>) {
+    {
+        match decode(bytes) {
             Ok(ev) => {
                 log::trace!(
                     "tcp event kind={} comm={} peer={}",
@@ -355,10 +372,6 @@ fn drain(
             }
         }
     }
-}
-
-fn read_lost(lost: &PerCpuArray<MapData, u64>, loss: &LossCounters) {
-    loss.read_kernel(PROBE, lost, &LOST_REASONS);
 }
 
 /// A well-formed IPv4 event from 127.0.0.1:40000 to `daddr`:80, tgid 42, for unit tests here
