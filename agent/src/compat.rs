@@ -69,12 +69,14 @@ impl BtfSource {
     /// Reads and parses the BTF (`None` for [`BtfSource::None`]). `Err` is one line.
     pub fn load(&self) -> Result<Option<aya::Btf>, String> {
         let parse = |p: &Path| {
-            aya::Btf::parse_file(p, aya::Endianness::default()).map_err(|e| {
+            let fail = |e: &dyn std::fmt::Display| {
                 format!(
                     "cannot read BTF from {}: {e} (give a vmlinux BTF file, or use --btf none)",
                     p.display()
                 )
-            })
+            };
+            let data = std::fs::read(p).map_err(|e| fail(&e))?;
+            aya::Btf::parse(&data, aya::Endianness::default()).map_err(|e| fail(&e))
         };
         match self {
             Self::None => Ok(None),
