@@ -26,6 +26,8 @@ mod syscalls;
 #[cfg(target_arch = "bpf")]
 mod tcp;
 #[cfg(target_arch = "bpf")]
+mod tcp_kprobe;
+#[cfg(target_arch = "bpf")]
 #[path = "transport_ringbuf.rs"]
 mod transport;
 

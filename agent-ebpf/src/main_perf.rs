@@ -25,6 +25,8 @@ mod syscalls;
 #[cfg(target_arch = "bpf")]
 mod tcp;
 #[cfg(target_arch = "bpf")]
+mod tcp_kprobe;
+#[cfg(target_arch = "bpf")]
 #[path = "transport_perf.rs"]
 mod transport;
 

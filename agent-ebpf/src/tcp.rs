@@ -27,6 +27,7 @@ use agent_common::{
     },
 };
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::bpf_get_current_cgroup_id,
@@ -43,10 +44,11 @@ static TCP_EVENTS: Events<TcpEvent> = Events::new(TCP_EVENTS_BYTES);
 static TCP_TP_OFFSETS: Array<TcpTpOffsets> = Array::with_max_entries(1, 0);
 
 #[map]
-static TCP_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(TCP_LOST_REASONS, 0);
+pub(crate) static TCP_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(TCP_LOST_REASONS, 0);
 
 #[map]
-static TCP_CONNECTS: HashMap<u64, TcpConnectStart> = HashMap::with_max_entries(TCP_CONNECTS_MAX, 0);
+pub(crate) static TCP_CONNECTS: HashMap<u64, TcpConnectStart> =
+    HashMap::with_max_entries(TCP_CONNECTS_MAX, 0);
 
 #[map]
 static TCP_LISTENERS: HashMap<u32, TcpListener> = HashMap::with_max_entries(TCP_LISTENERS_MAX, 0);
@@ -199,6 +201,15 @@ fn on_accept(ctx: &TracePointContext, off: &TcpTpOffsets) -> Result<(), i64> {
     }
 }
 
+/// Family, ports (host order) and addresses of a connection, as events carry them.
+pub(crate) struct Addrs {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
 #[inline(always)]
 #[expect(
     clippy::too_many_arguments,
@@ -231,9 +242,33 @@ fn emit(
     } else {
         return Ok(());
     };
-    let sport: u16 = read(ctx, off.sport)?;
-    let dport: u16 = read(ctx, off.dport)?;
+    let a = Addrs {
+        family,
+        sport: read(ctx, off.sport)?,
+        dport: read(ctx, off.dport)?,
+        saddr,
+        daddr,
+    };
+    send(ctx, kind, ts_ns, latency_ns, cgroup_id, tgid, pid, comm, &a)
+}
 
+/// Sends one event (both attach methods); a full transport is counted.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat arguments keep the verifier's job simple"
+)]
+pub(crate) fn send<C: EbpfContext>(
+    ctx: &C,
+    kind: u32,
+    ts_ns: u64,
+    latency_ns: u64,
+    cgroup_id: u64,
+    tgid: u32,
+    pid: u32,
+    comm: &[u8; COMM_LEN],
+    a: &Addrs,
+) -> Result<(), i64> {
     let Some(mut entry) = TCP_EVENTS.reserve() else {
         count_lost(TCP_LOST_RINGBUF_FULL);
         return Ok(());
@@ -245,12 +280,12 @@ fn emit(
         kind,
         tgid,
         pid,
-        family,
-        sport,
-        dport,
+        family: a.family,
+        sport: a.sport,
+        dport: a.dport,
         _pad: [0; 6],
-        saddr,
-        daddr,
+        saddr: a.saddr,
+        daddr: a.daddr,
         comm: *comm,
     });
     if entry.submit(ctx).is_err() {
@@ -260,6 +295,6 @@ fn emit(
 }
 
 #[inline(always)]
-fn count_lost(reason: u32) {
+pub(crate) fn count_lost(reason: u32) {
     field::count_lost(&TCP_LOST, reason, 1);
 }

@@ -31,12 +31,42 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// List every probe: what it measures, its kernel hooks and minimum kernel.
     Probes,
-    /// Report what this kernel supports (BTF, ring buffer, tracefs, each probe's hooks).
-    /// Exits 1 when a probe this build ships cannot load here.
-    Check,
+    /// Report what this kernel supports (BTF, BPF features, tracefs, kprobes, lockdown,
+    /// capabilities) and how each requested probe will attach, or why it cannot. Exits 1 when a
+    /// requested probe cannot load here.
+    Check(CheckArgs),
     /// Configuration file helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// Options of `tanzhen check`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Probes to check, comma-separated, or `all`.
+    #[arg(long, env = "TANZHEN_PROBES", default_value = "all", value_parser = probe::parse_list)]
+    pub probes: probe::ProbeList,
+
+    /// Report format: `table` for people, `json` for scripts (schema in README.md).
+    #[arg(
+        long,
+        env = "TANZHEN_CHECK_OUTPUT",
+        default_value = "table",
+        value_enum
+    )]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub compat: crate::compat::CompatArgs,
+}
+
+/// `tanzhen check --output`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned `key value` rows.
+    Table,
+    /// One JSON object.
+    Json,
 }
 
 /// `tanzhen config ...`

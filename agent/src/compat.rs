@@ -1,5 +1,6 @@
-//! Kernel compatibility choices shared by `run` and `check`: the event transport (`--transport`)
-//! and the BTF given to aya's loader (`--btf`, `--btf-path`).
+//! Kernel compatibility choices shared by `run` and `check`: the event transport (`--transport`),
+//! the BTF given to aya's loader (`--btf`, `--btf-path`) and the TCP probe's attach method
+//! (`--tcp-attach`).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,44 @@ pub enum BtfChoice {
     Auto,
     /// Act as if the kernel had no BTF (what 4.19 kernels built without it look like).
     None,
+}
+
+/// `--tcp-attach`: how the TCP probe attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcpAttachChoice {
+    /// The tracepoint where the kernel has it (4.16+), else kprobes.
+    Auto,
+    /// The `sock:inet_sock_set_state` tracepoint.
+    Tracepoint,
+    /// kprobes on tcp_v4_connect, tcp_v6_connect, tcp_set_state and inet_csk_accept.
+    Kprobe,
+}
+
+/// The TCP probe's resolved attach method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpAttach {
+    Tracepoint,
+    Kprobe,
+}
+
+impl TcpAttachChoice {
+    /// `auto` picks kprobes only when tracefs has no `sock:inet_sock_set_state`.
+    #[must_use]
+    pub fn resolve(self, tracefs: Option<&Path>) -> TcpAttach {
+        match self {
+            Self::Tracepoint => TcpAttach::Tracepoint,
+            Self::Kprobe => TcpAttach::Kprobe,
+            Self::Auto => {
+                let present = tracefs
+                    .is_none_or(|t| t.join("events/sock/inet_sock_set_state/format").exists());
+                if present {
+                    TcpAttach::Tracepoint
+                } else {
+                    TcpAttach::Kprobe
+                }
+            }
+        }
+    }
 }
 
 /// Flags about kernel compatibility, for `run` and `check`.
@@ -32,6 +71,12 @@ pub struct CompatArgs {
     /// without BTF).
     #[arg(long, env = "TANZHEN_BTF_PATH", value_name = "FILE")]
     pub btf_path: Option<PathBuf>,
+
+    /// How the TCP probe attaches: `auto` uses the sock:inet_sock_set_state tracepoint and falls
+    /// back to kprobes (tcp_v4_connect, tcp_v6_connect, tcp_set_state, inet_csk_accept) only
+    /// where the tracepoint is missing; `tracepoint` or `kprobe` force one.
+    #[arg(long, env = "TANZHEN_TCP_ATTACH", default_value = "auto", value_enum)]
+    pub tcp_attach: TcpAttachChoice,
 }
 
 /// Where the BTF given to the loader comes from.
@@ -85,6 +130,18 @@ impl BtfSource {
         }
     }
 
+    /// The raw BTF bytes (for reading struct offsets), `None` without BTF. `Err` is one line.
+    pub fn bytes(&self) -> Result<Option<Vec<u8>>, String> {
+        let path = match self {
+            Self::None => return Ok(None),
+            Self::Kernel => Path::new(KERNEL_BTF),
+            Self::File(p) => p.as_path(),
+        };
+        std::fs::read(path)
+            .map(Some)
+            .map_err(|e| format!("cannot read BTF from {}: {e}", path.display()))
+    }
+
     /// How `check` and the logs describe it.
     #[must_use]
     pub fn describe(&self) -> String {
@@ -100,11 +157,31 @@ impl BtfSource {
 mod tests {
     use super::*;
 
+    #[test]
+    fn tcp_attach_auto_follows_the_tracepoint() {
+        let dir = std::env::temp_dir().join(format!("tanzhen-tcp-attach-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(TcpAttachChoice::Auto.resolve(Some(&dir)), TcpAttach::Kprobe);
+        let tp = dir.join("events/sock/inet_sock_set_state");
+        std::fs::create_dir_all(&tp).unwrap();
+        std::fs::write(tp.join("format"), "").unwrap();
+        assert_eq!(
+            TcpAttachChoice::Auto.resolve(Some(&dir)),
+            TcpAttach::Tracepoint
+        );
+        assert_eq!(
+            TcpAttachChoice::Kprobe.resolve(Some(&dir)),
+            TcpAttach::Kprobe
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn args(btf: BtfChoice, path: Option<&str>) -> CompatArgs {
         CompatArgs {
             transport: TransportChoice::Auto,
             btf,
             btf_path: path.map(PathBuf::from),
+            tcp_attach: TcpAttachChoice::Auto,
         }
     }
 

@@ -15,6 +15,8 @@ use std::{
 #[cfg(test)]
 mod caps;
 #[cfg(test)]
+mod check;
+#[cfg(test)]
 mod cli;
 #[cfg(test)]
 mod config;

@@ -21,27 +21,95 @@ use agent_common::{
         AF_INET6, FIELD_ABSENT, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
         TCP_EVENT_CONNECT_FAILED, TCP_EVENT_SIZE, TCP_EVENTS, TCP_LISTENERS, TCP_LOST,
         TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL,
-        TCP_TP_OFFSETS, TcpEvent, TcpListener, TcpTpOffsets,
+        TCP_SOCK_OFFSETS, TCP_TP_OFFSETS, TcpEvent, TcpListener, TcpSockOffsets, TcpTpOffsets,
     },
 };
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::TracePoint,
+    programs::{KProbe, TracePoint},
 };
 use tokio::sync::watch;
 
 use crate::{
+    compat::TcpAttach,
     kernel::{self, Format},
     probe::{ProbeError, listeners, take},
     snapshot::{CounterVec, Desc, HistogramVec, Snapshot},
     transport::{EventReader, Transport},
 };
 
-/// Name of the kernel program (`agent-ebpf/src/tcp.rs`).
+/// Name of the tracepoint program (`agent-ebpf/src/tcp.rs`).
 const PROGRAM: &str = "tcp_inet_sock_set_state";
-/// The kernel programs of this probe (unloaded when it is detached at runtime).
-pub const PROGRAMS: &[&str] = &[PROGRAM];
+/// The kprobe programs (`agent-ebpf/src/tcp_kprobe.rs`): (program, kernel function, required).
+/// `tcp_v6_connect` is missing where IPv6 is a module that is not loaded.
+pub const KPROBES: &[(&str, &str, bool)] = &[
+    ("tcp_kprobe_v4_connect", "tcp_v4_connect", true),
+    ("tcp_kprobe_v6_connect", "tcp_v6_connect", false),
+    ("tcp_kprobe_set_state", "tcp_set_state", true),
+    ("tcp_kprobe_accept", "inet_csk_accept", true),
+];
+/// The kernel programs of this probe, both attach methods (unloaded when it is detached at
+/// runtime).
+pub const PROGRAMS: &[&str] = &[
+    PROGRAM,
+    "tcp_kprobe_v4_connect",
+    "tcp_kprobe_v6_connect",
+    "tcp_kprobe_set_state",
+    "tcp_kprobe_accept",
+];
+
+/// The programs of one attach method.
+#[must_use]
+pub fn programs(attach: TcpAttach) -> &'static [&'static str] {
+    match attach {
+        TcpAttach::Tracepoint => &PROGRAMS[..1],
+        TcpAttach::Kprobe => &PROGRAMS[1..],
+    }
+}
+
+/// How `check` and the logs name an attach method.
+#[must_use]
+pub fn describe(attach: TcpAttach) -> &'static str {
+    match attach {
+        TcpAttach::Tracepoint => "tracepoint sock:inet_sock_set_state",
+        TcpAttach::Kprobe => {
+            "kprobes tcp_v4_connect, tcp_v6_connect, tcp_set_state, kretprobe inet_csk_accept"
+        }
+    }
+}
+
+/// The `struct sock_common` offsets of the kprobe path: from BTF when `btf` holds some (and it
+/// names every field), else [`TcpSockOffsets::DEFAULT`]. Also returns where they came from.
+#[must_use]
+pub fn sock_offsets(btf: Option<&[u8]>) -> (TcpSockOffsets, String) {
+    let from_btf = |data: &[u8]| -> Result<TcpSockOffsets, String> {
+        let t = crate::btf::Types::parse(data)?;
+        let m = |name: &str| t.member_offset("sock_common", name);
+        Ok(TcpSockOffsets {
+            daddr: m("skc_daddr")?,
+            rcv_saddr: m("skc_rcv_saddr")?,
+            dport: m("skc_dport")?,
+            num: m("skc_num")?,
+            family: m("skc_family")?,
+            state: m("skc_state")?,
+            v6_daddr: m("skc_v6_daddr")?,
+            v6_rcv_saddr: m("skc_v6_rcv_saddr")?,
+            ready: 1,
+        })
+    };
+    match btf.map(from_btf) {
+        Some(Ok(o)) => (o, "BTF".into()),
+        Some(Err(e)) => (
+            TcpSockOffsets::DEFAULT,
+            format!("the built-in table (BTF unusable: {e})"),
+        ),
+        None => (
+            TcpSockOffsets::DEFAULT,
+            "the built-in table (no BTF)".into(),
+        ),
+    }
+}
 const PROBE: &str = "tcp";
 
 /// Connect duration buckets: 50 µs to 10 s in 1-2.5-5 steps.
@@ -231,44 +299,23 @@ pub struct TcpProbe {
 }
 
 impl TcpProbe {
-    /// Writes the offsets, loads and attaches the program, and takes the maps it drains.
+    /// Writes the offsets, loads and attaches the programs of `attach` (`btf`: raw BTF for the
+    /// kprobe path's struct offsets), and takes the maps it drains.
+    #[expect(clippy::too_many_arguments, reason = "one call site, all distinct")]
     pub fn attach(
         ebpf: &mut Ebpf,
         tracefs: &Path,
+        attach: TcpAttach,
+        btf: Option<&[u8]>,
         transport: Transport,
         snapshot: &Snapshot,
         loss: LossCounters,
         sink: Option<Arc<dyn ConnectSink>>,
     ) -> Result<Self, ProbeError> {
-        let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
-        let off = offsets(&format)?;
-        if off.family == FIELD_ABSENT {
-            log::warn!(
-                "sock:inet_sock_set_state has no `family` field: IPv6 connects are not told apart yet"
-            );
+        match attach {
+            TcpAttach::Tracepoint => attach_tracepoint(ebpf, tracefs)?,
+            TcpAttach::Kprobe => attach_kprobes(ebpf, tracefs, btf)?,
         }
-        let mut offsets_map: Array<_, TcpTpOffsets> = Array::try_from(
-            ebpf.map_mut(TCP_TP_OFFSETS)
-                .ok_or(ProbeError::MissingMap(TCP_TP_OFFSETS))?,
-        )?;
-        offsets_map.set(0, off, 0)?;
-
-        let prog: &mut TracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(ProbeError::MissingProgram(PROGRAM))?
-            .try_into()?;
-        prog.load()?;
-        // Listeners that predate us: once before attaching, so no accept completes against an
-        // unknown listener once the program runs, and once after, for sockets that started
-        // listening in between (NOEXIST keeps what the program recorded itself).
-        seed_listeners(ebpf)?;
-        let prog: &mut TracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(ProbeError::MissingProgram(PROGRAM))?
-            .try_into()?;
-        prog.attach("sock", "inet_sock_set_state")?;
-        seed_listeners(ebpf)?;
-
         let events = EventReader::open(ebpf, TCP_EVENTS, transport)?;
         let lost = take(ebpf, TCP_LOST)?;
         Ok(Self {
@@ -313,6 +360,70 @@ impl TcpProbe {
         read_lost();
         Ok(())
     }
+}
+
+/// Loads and attaches the tracepoint program, with the record layout from tracefs.
+fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> {
+    let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
+    let off = offsets(&format)?;
+    if off.family == FIELD_ABSENT {
+        log::warn!(
+            "sock:inet_sock_set_state has no `family` field: IPv6 connects are not told apart yet"
+        );
+    }
+    let mut offsets_map: Array<_, TcpTpOffsets> = Array::try_from(
+        ebpf.map_mut(TCP_TP_OFFSETS)
+            .ok_or(ProbeError::MissingMap(TCP_TP_OFFSETS))?,
+    )?;
+    offsets_map.set(0, off, 0)?;
+
+    let prog: &mut TracePoint = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(ProbeError::MissingProgram(PROGRAM))?
+        .try_into()?;
+    prog.load()?;
+    // Listeners that predate us: once before attaching, so no accept completes against an
+    // unknown listener once the program runs, and once after, for sockets that started
+    // listening in between (NOEXIST keeps what the program recorded itself).
+    seed_listeners(ebpf)?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(ProbeError::MissingProgram(PROGRAM))?
+        .try_into()?;
+    prog.attach("sock", "inet_sock_set_state")?;
+    seed_listeners(ebpf)?;
+    Ok(())
+}
+
+/// Loads and attaches the kprobe programs, with `struct sock_common` offsets from `btf` or the
+/// built-in table. Fails with the reason when this kernel cannot attach kprobes.
+fn attach_kprobes(ebpf: &mut Ebpf, tracefs: &Path, btf: Option<&[u8]>) -> Result<(), ProbeError> {
+    crate::features::kprobes(Some(tracefs)).map_err(|why| ProbeError::Unsupported {
+        probe: PROBE,
+        reason: format!("kprobes are not available ({why}); use --tcp-attach tracepoint"),
+    })?;
+    let (off, origin) = sock_offsets(btf);
+    log::info!("tcp: kprobe path, struct sock_common offsets from {origin}: {off:?}");
+    let mut map: Array<_, TcpSockOffsets> = Array::try_from(
+        ebpf.map_mut(TCP_SOCK_OFFSETS)
+            .ok_or(ProbeError::MissingMap(TCP_SOCK_OFFSETS))?,
+    )?;
+    map.set(0, off, 0)?;
+    for &(name, function, required) in KPROBES {
+        let prog: &mut KProbe = ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram(name))?
+            .try_into()?;
+        prog.load()?;
+        match prog.attach(function, 0) {
+            Ok(_) => {}
+            Err(e) if !required => {
+                log::warn!("tcp: kprobe on {function} failed ({e}): those connects are not seen");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Records the processes already listening (see [`listeners`]) in `TCP_LISTENERS`.
@@ -469,6 +580,25 @@ mod tests {
         assert_eq!(h.count, 1);
         // 120 µs falls in the (100 µs, 250 µs] bucket.
         assert_eq!(h.counts[2], 1);
+    }
+
+    #[test]
+    fn sock_offsets_from_btf_match_the_built_in_table() {
+        let (off, origin) = sock_offsets(None);
+        assert_eq!(
+            (off, origin.as_str()),
+            (TcpSockOffsets::DEFAULT, "the built-in table (no BTF)")
+        );
+        let (off, origin) = sock_offsets(Some(b"garbage"));
+        assert_eq!(off, TcpSockOffsets::DEFAULT);
+        assert!(origin.contains("BTF unusable"), "{origin}");
+        // This machine's kernel (6.18) lays struct sock_common out as the table says.
+        if let Ok(data) = std::fs::read(crate::compat::KERNEL_BTF) {
+            assert_eq!(
+                sock_offsets(Some(&data)),
+                (TcpSockOffsets::DEFAULT, "BTF".into())
+            );
+        }
     }
 
     #[test]
