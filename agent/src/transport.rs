@@ -29,7 +29,7 @@ use crate::probe::{ProbeError, take};
 const PERF_PAGES: usize = 16;
 
 /// How kernel programs hand events to userspace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     /// BPF ring buffer (kernel >= 5.8): one buffer shared by every CPU.
     Ringbuf,

@@ -152,6 +152,12 @@ fn old_kernel_choices_are_reported() {
     assert_eq!(probe(&v, "tcp")["transport"], "perf");
     assert_eq!(probe(&v, "sched")["transport"], "perf");
 
+    // A BTF file instead of the kernel's.
+    let (code, v) = check_json(&[], &["--btf-path", "/sys/kernel/btf/vmlinux"]);
+    assert_eq!(code, Some(0), "{v:#}");
+    assert_eq!(v["btf"]["source"], "file");
+    assert_eq!(v["btf"]["path"], "/sys/kernel/btf/vmlinux");
+
     // Only the probes asked for.
     let (code, v) = check_json(&[], &["--probes", "sched"]);
     assert_eq!(code, Some(0));

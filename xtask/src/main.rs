@@ -143,8 +143,15 @@ fn build(root: &Path, release: bool) -> anyhow::Result<()> {
 
 /// Flags of the second end-to-end pass: what a 4.19 kernel without BTF forces.
 const COMPAT_ARGS: &str = "--transport perf --btf none";
-/// The end-to-end tests that read the probes' events, run again with [`COMPAT_ARGS`].
-const COMPAT_TESTS: &[&str] = &["tcp::", "sched::", "syscalls::"];
+/// The end-to-end tests that read the probes' events, run again with [`COMPAT_ARGS`]: the
+/// probe files, and the OTLP tests whose spans come from TCP events.
+const COMPAT_TESTS: &[&str] = &[
+    "tcp::",
+    "sched::",
+    "syscalls::",
+    "otlp::grpc_spans_and_metrics",
+    "otlp::spans_carry_the_container_id",
+];
 
 fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     build(root, false)?;
