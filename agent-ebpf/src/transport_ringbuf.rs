@@ -1,7 +1,7 @@
 //! Event transport of the ring buffer object (`tanzhen-ebpf`, kernel >= 5.8): events are
 //! reserved in a BPF ring buffer, filled in place and submitted.
 //!
-//! [`transport_perf.rs`](../transport_perf.rs) has the same API over a perf event array; each
+//! `transport_perf.rs` has the same API over a perf event array; each
 //! object's `main` picks one with `#[path]`, so the probes' code is shared.
 
 use core::marker::PhantomData;

@@ -298,6 +298,30 @@ mod rules {
         }
     }
 
+    /// Names of the programs (function symbols in program sections) of `obj`.
+    fn program_names(obj: &[u8]) -> std::collections::BTreeSet<String> {
+        let file = object::File::parse(obj).expect("ELF");
+        file.symbols()
+            .filter(|sym| sym.kind() == SymbolKind::Text)
+            .filter(|sym| {
+                sym.section_index()
+                    .and_then(|i| file.section_by_index(i).ok())
+                    .is_some_and(|sec| {
+                        let n = sec.name().unwrap_or("");
+                        sec.kind() == SectionKind::Text && n != ".text" && !n.starts_with(".text.")
+                    })
+            })
+            .map(|sym| sym.name().unwrap_or("?").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn both_objects_hold_the_same_programs() {
+        let ring = program_names(OBJECT_RINGBUF);
+        assert!(ring.contains("tcp_inet_sock_set_state") && ring.contains("tcp_kprobe_set_state"));
+        assert_eq!(ring, program_names(OBJECT_PERF));
+    }
+
     #[test]
     fn the_perf_object_has_no_ring_buffer() {
         // The check itself must see the ring buffer maps of the ringbuf object.
