@@ -373,6 +373,8 @@ impl SchedProbe {
         log::debug!("sched tracepoint layout: {cfg:?}");
         let mut cfg_map: Array<MapData, SchedConfig> = take(ebpf, SCHED_CONFIG)?;
         cfg_map.set(0, cfg, 0)?;
+        // Readers first: a perf event array has no buffer for a CPU until it is opened.
+        let events = EventReader::open(ebpf, SCHED_EVENTS, transport)?;
         let mut progs = Vec::with_capacity(HOOKS.len());
         for name in HOOKS {
             let prog: &mut TracePoint = ebpf
@@ -388,7 +390,7 @@ impl SchedProbe {
             cfg_map,
             switches: take(ebpf, SCHED_SWITCHES)?,
             hist: take(ebpf, SCHED_RUNQ_HIST)?,
-            events: EventReader::open(ebpf, SCHED_EVENTS, transport)?,
+            events,
             transport,
             lost: take(ebpf, SCHED_LOST)?,
             progs,

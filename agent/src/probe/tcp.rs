@@ -312,11 +312,13 @@ impl TcpProbe {
         loss: LossCounters,
         sink: Option<Arc<dyn ConnectSink>>,
     ) -> Result<Self, ProbeError> {
+        // Readers first: a perf event array has no buffer for a CPU until it is opened, and
+        // events sent before would fail (counted as perf_output_error).
+        let events = EventReader::open(ebpf, TCP_EVENTS, transport)?;
         match attach {
             TcpAttach::Tracepoint => attach_tracepoint(ebpf, tracefs)?,
             TcpAttach::Kprobe => attach_kprobes(ebpf, tracefs, btf)?,
         }
-        let events = EventReader::open(ebpf, TCP_EVENTS, transport)?;
         let lost = take(ebpf, TCP_LOST)?;
         Ok(Self {
             events,
