@@ -180,6 +180,8 @@ fn on_accept(ctx: &TracePointContext, off: &TcpTpOffsets) -> Result<(), i64> {
     let sport = u32::from(read::<u16>(ctx, off.sport)?);
     let now = unsafe { bpf_ktime_get_ns() };
     match unsafe { TCP_LISTENERS.get(&sport) } {
+        // Listeners seeded from /proc at start-up are every process's: honour --pid here.
+        Some(l) if !crate::config::tgid_allowed(l.tgid) => Ok(()),
         Some(l) => {
             let l = *l;
             emit(
