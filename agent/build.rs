@@ -10,7 +10,7 @@ use anyhow::{Context as _, anyhow, bail};
 /// The nightly toolchain that builds the kernel side; `cargo xtask setup` prepares it.
 const EBPF_TOOLCHAIN: &str = "nightly";
 /// Kernel objects the agent embeds (bins of agent-ebpf).
-const OBJECTS: &[&str] = &["tanzhen-ebpf"];
+const OBJECTS: &[&str] = &["tanzhen-ebpf", "tanzhen-ebpf-perf"];
 
 fn main() -> anyhow::Result<()> {
     git_revision();

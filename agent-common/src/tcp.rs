@@ -55,6 +55,55 @@ pub struct TcpTpOffsets {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for TcpTpOffsets {}
 
+/// `Array<TcpSockOffsets>` with one entry: `struct sock_common` offsets for the kprobe path.
+pub const TCP_SOCK_OFFSETS: &str = "TCP_SOCK_OFFSETS";
+
+/// Byte offsets of the `struct sock_common` fields the kprobe path reads (`--tcp-attach
+/// kprobe`), from the kernel's BTF when it has some, else [`TcpSockOffsets::DEFAULT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSockOffsets {
+    /// `skc_daddr` (remote IPv4 address, network order).
+    pub daddr: u32,
+    /// `skc_rcv_saddr` (local IPv4 address).
+    pub rcv_saddr: u32,
+    /// `skc_dport` (remote port, network order).
+    pub dport: u32,
+    /// `skc_num` (local port, host order).
+    pub num: u32,
+    /// `skc_family`.
+    pub family: u32,
+    /// `skc_state` (one byte).
+    pub state: u32,
+    /// `skc_v6_daddr`.
+    pub v6_daddr: u32,
+    /// `skc_v6_rcv_saddr`.
+    pub v6_rcv_saddr: u32,
+    /// 1 once userspace has filled the entry; the programs ignore calls until then.
+    pub ready: u32,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TcpSockOffsets {}
+
+impl TcpSockOffsets {
+    /// `struct sock_common` on 64-bit kernels (x86_64 and arm64 alike) from 4.x to 6.x with
+    /// CONFIG_NET_NS and CONFIG_IPV6 (every distribution kernel): `skc_addrpair` at 0,
+    /// `skc_hash` 8, `skc_portpair` 12, `skc_family` 16, `skc_state` 18, `skc_bound_dev_if` 20,
+    /// the bind node union 24, `skc_prot` 40, `skc_net` 48, then the IPv6 addresses at 56 and
+    /// 72. Used when there is no BTF to read them from (`ready` is 1).
+    pub const DEFAULT: Self = Self {
+        daddr: 0,
+        rcv_saddr: 4,
+        dport: 12,
+        num: 14,
+        family: 16,
+        state: 18,
+        v6_daddr: 56,
+        v6_rcv_saddr: 72,
+        ready: 1,
+    };
+}
+
 /// What a [`TcpEvent`] reports.
 pub const TCP_EVENT_CONNECT_ESTABLISHED: u32 = 1;
 /// An active open that went SYN_SENT -> CLOSE (refused, timed out, reset).

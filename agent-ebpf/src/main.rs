@@ -1,5 +1,7 @@
-//! tanzhen's kernel object. One module per probe domain; aya-build compiles this bin for
-//! `bpfel-unknown-none` and `agent` embeds the result.
+//! tanzhen's kernel object with the ring buffer transport (kernel >= 5.8). One module per probe
+//! domain; aya-build compiles this bin for `bpfel-unknown-none` and `agent` embeds the result.
+//! `main_perf.rs` builds the same modules over a perf event array: aya creates every map of an
+//! object at load time, and a kernel without ring buffers cannot create a `RINGBUF` map.
 //!
 //! Rules for every program here (so the object loads on 4.19 without BTF, see DESIGN.md):
 //! no global data (configuration comes through array maps), no loops, helpers from 4.19
@@ -23,6 +25,11 @@ mod sched;
 mod syscalls;
 #[cfg(target_arch = "bpf")]
 mod tcp;
+#[cfg(target_arch = "bpf")]
+mod tcp_kprobe;
+#[cfg(target_arch = "bpf")]
+#[path = "transport_ringbuf.rs"]
+mod transport;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

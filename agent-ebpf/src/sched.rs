@@ -18,7 +18,10 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use crate::field::{self, read};
+use crate::{
+    field::{self, read},
+    transport::Events,
+};
 use agent_common::{
     COMM_LEN,
     hist::{HIST_SLOTS, slot},
@@ -37,7 +40,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_probe_read_str},
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
 };
 
@@ -62,7 +65,7 @@ static SCHED_SWITCHES: PerCpuHashMap<SwitchKey, SwitchCounts> =
     PerCpuHashMap::with_max_entries(SCHED_SWITCHES_MAX, 0);
 
 #[map]
-static SCHED_EVENTS: RingBuf = RingBuf::with_byte_size(SCHED_EVENTS_BYTES, 0);
+static SCHED_EVENTS: Events<ProcEvent> = Events::new(SCHED_EVENTS_BYTES);
 
 #[map]
 static SCHED_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(SCHED_LOST_REASONS, 0);
@@ -115,9 +118,9 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 
 /// `sched:sched_process_exit` (kernel >= 2.6.28): runs in every exiting thread.
 #[tracepoint]
-pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if config().is_some() {
-        on_exit();
+        on_exit(&ctx);
     }
     0
 }
@@ -271,7 +274,7 @@ fn record_latency(key: &RunqKey, delta: u64) {
 fn try_exec(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
     let loc: u32 = read(ctx, cfg.exec_filename)?;
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(mut entry) = SCHED_EVENTS.reserve::<ProcEvent>(0) else {
+    let Some(mut entry) = SCHED_EVENTS.reserve() else {
         count_lost(SCHED_LOST_RINGBUF_FULL);
         return Ok(());
     };
@@ -291,12 +294,14 @@ fn try_exec(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
             *dst = 0;
         }
     }
-    entry.submit(0);
+    if entry.submit(ctx).is_err() {
+        count_lost(SCHED_LOST_RINGBUF_FULL);
+    }
     Ok(())
 }
 
 #[inline(always)]
-fn on_exit() {
+fn on_exit(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // Every thread: its run-queue state goes (an absent entry is fine).
@@ -304,7 +309,7 @@ fn on_exit() {
     if pid != tgid {
         return;
     }
-    let Some(mut entry) = SCHED_EVENTS.reserve::<ProcEvent>(0) else {
+    let Some(mut entry) = SCHED_EVENTS.reserve() else {
         count_lost(SCHED_LOST_RINGBUF_FULL);
         return;
     };
@@ -319,7 +324,9 @@ fn on_exit() {
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
         (*ev).filename[0] = 0;
     }
-    entry.submit(0);
+    if entry.submit(ctx).is_err() {
+        count_lost(SCHED_LOST_RINGBUF_FULL);
+    }
 }
 
 #[inline(always)]

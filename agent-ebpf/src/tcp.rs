@@ -12,7 +12,10 @@
 //! Field offsets come from tracefs through [`TCP_TP_OFFSETS`]; every drop is counted in
 //! [`TCP_LOST`].
 
-use crate::field::{self, read};
+use crate::{
+    field::{self, read},
+    transport::Events,
+};
 use agent_common::{
     COMM_LEN,
     tcp::{
@@ -24,26 +27,28 @@ use agent_common::{
     },
 };
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::bpf_get_current_cgroup_id,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TracePointContext,
 };
 
 #[map]
-static TCP_EVENTS: RingBuf = RingBuf::with_byte_size(TCP_EVENTS_BYTES, 0);
+static TCP_EVENTS: Events<TcpEvent> = Events::new(TCP_EVENTS_BYTES);
 
 #[map]
 static TCP_TP_OFFSETS: Array<TcpTpOffsets> = Array::with_max_entries(1, 0);
 
 #[map]
-static TCP_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(TCP_LOST_REASONS, 0);
+pub(crate) static TCP_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(TCP_LOST_REASONS, 0);
 
 #[map]
-static TCP_CONNECTS: HashMap<u64, TcpConnectStart> = HashMap::with_max_entries(TCP_CONNECTS_MAX, 0);
+pub(crate) static TCP_CONNECTS: HashMap<u64, TcpConnectStart> =
+    HashMap::with_max_entries(TCP_CONNECTS_MAX, 0);
 
 #[map]
 static TCP_LISTENERS: HashMap<u32, TcpListener> = HashMap::with_max_entries(TCP_LISTENERS_MAX, 0);
@@ -175,6 +180,8 @@ fn on_accept(ctx: &TracePointContext, off: &TcpTpOffsets) -> Result<(), i64> {
     let sport = u32::from(read::<u16>(ctx, off.sport)?);
     let now = unsafe { bpf_ktime_get_ns() };
     match unsafe { TCP_LISTENERS.get(&sport) } {
+        // Listeners seeded from /proc at start-up are every process's: honour --pid here.
+        Some(l) if !crate::config::tgid_allowed(l.tgid) => Ok(()),
         Some(l) => {
             let l = *l;
             emit(
@@ -194,6 +201,15 @@ fn on_accept(ctx: &TracePointContext, off: &TcpTpOffsets) -> Result<(), i64> {
         None if !crate::config::tgid_allowed(0) => Ok(()),
         None => emit(ctx, off, TCP_EVENT_ACCEPT, now, 0, 0, 0, 0, &[0; COMM_LEN]),
     }
+}
+
+/// Family, ports (host order) and addresses of a connection, as events carry them.
+pub(crate) struct Addrs {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
 }
 
 #[inline(always)]
@@ -228,10 +244,34 @@ fn emit(
     } else {
         return Ok(());
     };
-    let sport: u16 = read(ctx, off.sport)?;
-    let dport: u16 = read(ctx, off.dport)?;
+    let a = Addrs {
+        family,
+        sport: read(ctx, off.sport)?,
+        dport: read(ctx, off.dport)?,
+        saddr,
+        daddr,
+    };
+    send(ctx, kind, ts_ns, latency_ns, cgroup_id, tgid, pid, comm, &a)
+}
 
-    let Some(mut entry) = TCP_EVENTS.reserve::<TcpEvent>(0) else {
+/// Sends one event (both attach methods); a full transport is counted.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat arguments keep the verifier's job simple"
+)]
+pub(crate) fn send<C: EbpfContext>(
+    ctx: &C,
+    kind: u32,
+    ts_ns: u64,
+    latency_ns: u64,
+    cgroup_id: u64,
+    tgid: u32,
+    pid: u32,
+    comm: &[u8; COMM_LEN],
+    a: &Addrs,
+) -> Result<(), i64> {
+    let Some(mut entry) = TCP_EVENTS.reserve() else {
         count_lost(TCP_LOST_RINGBUF_FULL);
         return Ok(());
     };
@@ -242,19 +282,21 @@ fn emit(
         kind,
         tgid,
         pid,
-        family,
-        sport,
-        dport,
+        family: a.family,
+        sport: a.sport,
+        dport: a.dport,
         _pad: [0; 6],
-        saddr,
-        daddr,
+        saddr: a.saddr,
+        daddr: a.daddr,
         comm: *comm,
     });
-    entry.submit(0);
+    if entry.submit(ctx).is_err() {
+        count_lost(TCP_LOST_RINGBUF_FULL);
+    }
     Ok(())
 }
 
 #[inline(always)]
-fn count_lost(reason: u32) {
+pub(crate) fn count_lost(reason: u32) {
     field::count_lost(&TCP_LOST, reason, 1);
 }

@@ -182,7 +182,37 @@ async fn run_async(
             vec![(SYSCALL_COUNTS_0, n), (SYSCALL_COUNTS_1, n)]
         })
         .unwrap_or_default();
-    let mut ebpf = loader::load(&max_entries).map_err(|e| fatal(&e))?;
+    let transport = args
+        .compat
+        .transport
+        .resolve(&kernel::has_ringbuf())
+        .map_err(RunError::Usage)?;
+    let btf_source = args
+        .compat
+        .btf_source(kernel::has_btf())
+        .map_err(RunError::Usage)?;
+    let btf = btf_source.load().map_err(RunError::Usage)?;
+    let tcp_attach = args.compat.tcp_attach.resolve(Some(&tracefs.path));
+    if args.probes.contains(&ProbeKind::Tcp)
+        && args.compat.tcp_attach == crate::compat::TcpAttachChoice::Kprobe
+        && let Err(why) = crate::features::kprobes(Some(&tracefs.path))
+    {
+        return Err(RunError::Fatal(format!(
+            "--tcp-attach kprobe: this kernel cannot attach kprobes ({why}); use --tcp-attach auto or tracepoint"
+        )));
+    }
+    // The kprobe path reads struct offsets from the raw BTF.
+    let btf_bytes = match tcp_attach {
+        crate::compat::TcpAttach::Kprobe => btf_source.bytes().map_err(RunError::Usage)?,
+        crate::compat::TcpAttach::Tracepoint => None,
+    };
+    log::info!(
+        "event transport: {}; BTF: {}; tcp attach: {}",
+        transport.name(),
+        btf_source.describe(),
+        crate::probe::tcp::describe(tcp_attach)
+    );
+    let mut ebpf = loader::load(transport, btf.as_ref(), &max_entries).map_err(|e| fatal(&e))?;
     loader::configure(
         &mut ebpf,
         agent_common::AgentConfig {
@@ -196,6 +226,9 @@ async fn run_async(
     let mut tasks = tokio::task::JoinSet::new();
     let ctx = ProbeCtx {
         tracefs: tracefs.path.clone(),
+        transport,
+        tcp_attach,
+        btf: btf_bytes,
         snapshot: snapshot.clone(),
         loss: loss.clone(),
         sink: Some(connect_sink),
@@ -367,6 +400,10 @@ fn reload(running: &mut RunArgs) -> Option<RunArgs> {
 /// What attaching a probe needs besides the `Ebpf` object.
 struct ProbeCtx {
     tracefs: std::path::PathBuf,
+    transport: crate::transport::Transport,
+    tcp_attach: crate::compat::TcpAttach,
+    /// Raw BTF, for the kprobe TCP path's struct offsets.
+    btf: Option<Vec<u8>>,
     snapshot: Arc<Snapshot>,
     loss: LossCounters,
     sink: Option<Arc<dyn ConnectSink>>,
@@ -411,6 +448,9 @@ impl LiveProbes {
                 let p = TcpProbe::attach(
                     ebpf,
                     &ctx.tracefs,
+                    ctx.tcp_attach,
+                    ctx.btf.as_deref(),
+                    ctx.transport,
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.sink.clone(),
@@ -421,6 +461,7 @@ impl LiveProbes {
                 let p = SchedProbe::attach(
                     ebpf,
                     &ctx.tracefs,
+                    ctx.transport,
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.interval,
@@ -453,10 +494,15 @@ impl LiveProbes {
             let res = match ebpf.program_mut(name) {
                 Some(aya::programs::Program::TracePoint(p)) => p.unload(),
                 Some(aya::programs::Program::RawTracePoint(p)) => p.unload(),
+                Some(aya::programs::Program::KProbe(p)) => p.unload(),
                 Some(_) => return Err(format!("{name}: unexpected program type")),
                 None => continue,
             };
-            res.map_err(|e| format!("unloading {name}: {e}"))?;
+            match res {
+                // The programs of the TCP attach method not in use were never loaded.
+                Ok(()) | Err(aya::programs::ProgramError::NotLoaded) => {}
+                Err(e) => return Err(format!("unloading {name}: {e}")),
+            }
         }
         let (_, tx, id) = self.running.remove(i);
         self.detached.insert(id, kind);
@@ -579,6 +625,9 @@ fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
     );
     if format!("{:?}", old.otlp) != format!("{:?}", new.otlp) {
         out.push(format!("otlp settings changed ({restart})"));
+    }
+    if format!("{:?}", old.compat) != format!("{:?}", new.compat) {
+        out.push(format!("transport/btf settings changed ({restart})"));
     }
     // Paths only; the token file's content is read at start.
     if format!("{:?}", old.http) != format!("{:?}", new.http) {

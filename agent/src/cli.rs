@@ -31,9 +31,10 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// List every probe: what it measures, its kernel hooks and minimum kernel.
     Probes,
-    /// Report what this kernel supports (BTF, ring buffer, tracefs, each probe's hooks).
-    /// Exits 1 when a probe this build ships cannot load here.
-    Check,
+    /// Report what this kernel supports (BTF, BPF features, tracefs, kprobes, lockdown,
+    /// capabilities) and how each requested probe will attach, or why it cannot. Exits 1 when a
+    /// requested probe cannot load here.
+    Check(CheckArgs),
     /// Configuration file helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -43,6 +44,35 @@ pub enum Command {
     /// Full-screen view of the top processes by syscalls, connects or run-queue wait, refreshed
     /// every interval (one table when stdout is not a terminal).
     Top(crate::live::tui::TopArgs),
+}
+
+/// Options of `tanzhen check`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Probes to check, comma-separated, or `all`.
+    #[arg(long, env = "TANZHEN_PROBES", default_value = "all", value_parser = probe::parse_list)]
+    pub probes: probe::ProbeList,
+
+    /// Report format: `table` for people, `json` for scripts (schema in README.md).
+    #[arg(
+        long,
+        env = "TANZHEN_CHECK_OUTPUT",
+        default_value = "table",
+        value_enum
+    )]
+    pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub compat: crate::compat::CompatArgs,
+}
+
+/// `tanzhen check --output`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned `key value` rows.
+    Table,
+    /// One JSON object.
+    Json,
 }
 
 /// `tanzhen config ...`
@@ -107,6 +137,9 @@ pub struct RunArgs {
     /// exit): the oldest event goes when a new one arrives.
     #[arg(long, env = "TANZHEN_EVENT_BUFFER_SIZE", default_value_t = crate::live::DEFAULT_EVENT_BUFFER, value_parser = parse_buffer_size)]
     pub event_buffer_size: usize,
+
+    #[command(flatten)]
+    pub compat: crate::compat::CompatArgs,
 
     #[command(flatten)]
     pub file: crate::config::ConfigArgs,
@@ -441,6 +474,20 @@ mod tests {
         assert!(line.contains("is not a valid regular expression"), "{line}");
         assert!(!line.contains('\n'), "{line}");
         assert!(run_args(&["--syscalls-map-entries", "0"]).is_err());
+    }
+
+    #[test]
+    fn compat_flags() {
+        use crate::{compat::BtfChoice, transport::TransportChoice};
+        let r = run_args(&[]).unwrap();
+        assert_eq!(r.compat.transport, TransportChoice::Auto);
+        assert_eq!(r.compat.btf, BtfChoice::Auto);
+        let r = run_args(&["--transport", "perf", "--btf", "none"]).unwrap();
+        assert_eq!(r.compat.transport, TransportChoice::Perf);
+        assert_eq!(r.compat.btf, BtfChoice::None);
+        let e = run_args(&["--transport", "netlink"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(one_line(&e).contains("netlink"), "{}", one_line(&e));
     }
 
     #[test]

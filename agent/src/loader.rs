@@ -1,9 +1,25 @@
-//! The embedded kernel object and its loading.
+//! The embedded kernel objects and their loading: one per event transport (aya creates every
+//! map of an object at load time, and kernels before 5.8 cannot create a ring buffer map).
 
-use aya::{Ebpf, EbpfLoader};
+use aya::{Btf, Ebpf, EbpfLoader};
 
-/// The object agent/build.rs built from agent-ebpf (ring buffer transport).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tanzhen-ebpf"));
+use crate::transport::Transport;
+
+/// The object agent/build.rs built from agent-ebpf with the ring buffer transport.
+static OBJECT_RINGBUF: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tanzhen-ebpf"));
+/// The same programs with the perf event array transport.
+static OBJECT_PERF: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tanzhen-ebpf-perf"));
+
+/// The embedded object of `transport`.
+#[must_use]
+pub fn object(transport: Transport) -> &'static [u8] {
+    match transport {
+        Transport::Ringbuf => OBJECT_RINGBUF,
+        Transport::Perf => OBJECT_PERF,
+    }
+}
 
 /// Errors loading the object.
 #[derive(Debug, thiserror::Error)]
@@ -19,18 +35,25 @@ pub enum LoadError {
     Ebpf(#[from] aya::EbpfError),
 }
 
-/// Parses the object and creates its maps (programs are loaded by each probe), with the
-/// capacities of `max_entries` (map name, entries) instead of the compiled-in ones.
-pub fn load(max_entries: &[(&'static str, u32)]) -> Result<Ebpf, LoadError> {
-    if OBJECT.is_empty() {
+/// Parses the object of `transport` and creates its maps (programs are loaded by each probe),
+/// relocating against `btf` (`None`: no kernel BTF), with the capacities of `max_entries`
+/// (map name, entries) instead of the compiled-in ones.
+pub fn load(
+    transport: Transport,
+    btf: Option<&Btf>,
+    max_entries: &[(&'static str, u32)],
+) -> Result<Ebpf, LoadError> {
+    let obj = object(transport);
+    if obj.is_empty() {
         return Err(LoadError::EmptyObject);
     }
     crate::kernel::raise_memlock_rlimit();
     let mut loader = EbpfLoader::new();
+    loader.btf(btf);
     for &(name, n) in max_entries {
         loader.map_max_entries(name, n);
     }
-    Ok(loader.load(OBJECT)?)
+    Ok(loader.load(obj)?)
 }
 
 /// Writes the settings every probe's programs share (before any of them attaches).
@@ -45,18 +68,20 @@ pub fn configure(
     aya::maps::Array::try_from(map)?.set(0, cfg, 0)
 }
 
-/// The 4.19 / no-BTF rules (DESIGN.md), checked on the object this binary embeds.
+/// The 4.19 / no-BTF rules (DESIGN.md), checked on every object this binary embeds.
 #[cfg(test)]
 mod rules {
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SectionKind, SymbolKind};
 
-    use super::OBJECT;
+    use super::{OBJECT_PERF, OBJECT_RINGBUF};
 
     /// Highest helper id 4.19 has (`bpf_skb_ancestor_cgroup_id`).
     const MAX_HELPER_4_19: i32 = 83;
-    /// Ring buffer helpers (5.8): allowed only because this object is the ring buffer
-    /// transport's; the perf-array object for older kernels must not call them.
+    /// Ring buffer helpers (5.8): allowed only in the ring buffer transport's object; the perf
+    /// object for older kernels must not call them.
     const RINGBUF_HELPERS: std::ops::RangeInclusive<i32> = 130..=134;
+    /// `BPF_MAP_TYPE_RINGBUF`.
+    const MAP_TYPE_RINGBUF: u32 = 27;
     /// The verifier's per-program instruction limit before 5.2.
     const MAX_INSNS_4_19: usize = 4096;
 
@@ -142,7 +167,7 @@ mod rules {
 
     /// Every rule violation in `obj`, per program (function symbol in a program section; one
     /// section may hold several programs).
-    fn violations(obj: &[u8]) -> Vec<String> {
+    fn violations(obj: &[u8], ringbuf: bool) -> Vec<String> {
         let file = object::File::parse(obj).expect("the embedded object is ELF");
         let mut v = Vec::new();
         for sec in file.sections() {
@@ -175,15 +200,51 @@ mod rules {
             let data = sec.data().expect("section data");
             let start = usize::try_from(sym.address() - sec.address()).unwrap();
             let end = (start + usize::try_from(sym.size()).unwrap()).min(data.len());
-            v.extend(program_violations(&name, &decode(&data[start..end])));
+            v.extend(program_violations(
+                &name,
+                &decode(&data[start..end]),
+                ringbuf,
+            ));
         }
         if programs == 0 {
             v.push("no programs found".into());
         }
+        if !ringbuf {
+            v.extend(ringbuf_maps(&file));
+        }
         v
     }
 
-    fn program_violations(name: &str, insns: &[Insn]) -> Vec<String> {
+    /// Ring buffer maps in the legacy `maps` section (each a `bpf_map_def` whose first word is
+    /// the map type): a kernel before 5.8 cannot create them, and aya creates every map.
+    fn ringbuf_maps(file: &object::File<'_>) -> Vec<String> {
+        let mut v = Vec::new();
+        for sym in file.symbols() {
+            let Some(sec) = sym
+                .section_index()
+                .and_then(|i| file.section_by_index(i).ok())
+            else {
+                continue;
+            };
+            if sec.name() != Ok("maps") {
+                continue;
+            }
+            let data = sec.data().expect("maps section data");
+            let start = usize::try_from(sym.address() - sec.address()).unwrap();
+            let Some(word) = data.get(start..start + 4) else {
+                continue;
+            };
+            if u32::from_le_bytes(word.try_into().unwrap()) == MAP_TYPE_RINGBUF {
+                v.push(format!(
+                    "map {}: a ring buffer (kernel >= 5.8) in the perf object",
+                    sym.name().unwrap_or("?")
+                ));
+            }
+        }
+        v
+    }
+
+    fn program_violations(name: &str, insns: &[Insn], ringbuf: bool) -> Vec<String> {
         let mut v = Vec::new();
         if insns.len() > MAX_INSNS_4_19 {
             v.push(format!(
@@ -205,7 +266,7 @@ mod rules {
             if i.code == CALL
                 && i.src == 0
                 && i.imm > MAX_HELPER_4_19
-                && !RINGBUF_HELPERS.contains(&i.imm)
+                && !(ringbuf && RINGBUF_HELPERS.contains(&i.imm))
             {
                 v.push(format!("{name}+{pc}: helper {} is newer than 4.19", i.imm));
             }
@@ -219,17 +280,56 @@ mod rules {
     }
 
     #[test]
-    fn embedded_object_follows_the_4_19_rules() {
-        assert!(
-            !OBJECT.is_empty(),
-            "built with AYA_BUILD_SKIP: no object to check"
-        );
-        let v = violations(OBJECT);
-        assert!(
-            v.is_empty(),
-            "kernel compatibility rules broken:\n{}",
-            v.join("\n")
-        );
+    fn embedded_objects_follow_the_4_19_rules() {
+        for (name, obj, ringbuf) in [
+            ("tanzhen-ebpf", OBJECT_RINGBUF, true),
+            ("tanzhen-ebpf-perf", OBJECT_PERF, false),
+        ] {
+            assert!(
+                !obj.is_empty(),
+                "built with AYA_BUILD_SKIP: no object {name} to check"
+            );
+            let v = violations(obj, ringbuf);
+            assert!(
+                v.is_empty(),
+                "{name}: kernel compatibility rules broken:\n{}",
+                v.join("\n")
+            );
+        }
+    }
+
+    /// Names of the programs (function symbols in program sections) of `obj`.
+    fn program_names(obj: &[u8]) -> std::collections::BTreeSet<String> {
+        let file = object::File::parse(obj).expect("ELF");
+        file.symbols()
+            .filter(|sym| sym.kind() == SymbolKind::Text)
+            .filter(|sym| {
+                sym.section_index()
+                    .and_then(|i| file.section_by_index(i).ok())
+                    .is_some_and(|sec| {
+                        let n = sec.name().unwrap_or("");
+                        sec.kind() == SectionKind::Text && n != ".text" && !n.starts_with(".text.")
+                    })
+            })
+            .map(|sym| sym.name().unwrap_or("?").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn both_objects_hold_the_same_programs() {
+        let ring = program_names(OBJECT_RINGBUF);
+        assert!(ring.contains("tcp_inet_sock_set_state") && ring.contains("tcp_kprobe_set_state"));
+        assert_eq!(ring, program_names(OBJECT_PERF));
+    }
+
+    #[test]
+    fn the_perf_object_has_no_ring_buffer() {
+        // The check itself must see the ring buffer maps of the ringbuf object.
+        let file = object::File::parse(OBJECT_RINGBUF).unwrap();
+        let found = ringbuf_maps(&file);
+        assert_eq!(found.len(), 2, "{found:?}");
+        let file = object::File::parse(OBJECT_PERF).unwrap();
+        assert!(ringbuf_maps(&file).is_empty());
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! `tanzhen`: parse the command line, set up logging, dispatch.
 
 mod agent;
+mod btf;
 mod caps;
 mod check;
 mod cli;
+mod compat;
 mod config;
 mod export;
+mod features;
 #[cfg(test)]
 mod hostile;
 mod kernel;
@@ -18,6 +21,7 @@ mod server;
 mod snapshot;
 #[cfg(feature = "tls")]
 mod tls;
+mod transport;
 
 use std::process::ExitCode;
 
@@ -57,11 +61,18 @@ fn main() -> ExitCode {
         }
         Command::Watch(args) => live::watch::main(&args),
         Command::Top(args) => live::tui::main(&args),
-        Command::Check => {
-            if check::check() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+        Command::Check(args) => {
+            env_logger::Builder::new()
+                .filter_level(log::LevelFilter::Warn)
+                .filter_module("aya", log::LevelFilter::Error)
+                .init();
+            match check::check(&args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("tanzhen: error: {e}");
+                    ExitCode::from(2)
+                }
             }
         }
     }

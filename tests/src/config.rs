@@ -261,6 +261,24 @@ fn perf_events(pid: u32) -> usize {
         .count()
 }
 
+/// Perf buffers (one `[perf_event]` fd per online CPU) of `probes` event-sending probes when
+/// the tests run with `--transport perf`; none with the ring buffer.
+fn perf_buffers(probes: usize) -> usize {
+    if !crate::extra_args().join(" ").contains("--transport perf") {
+        return 0;
+    }
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let cpus: usize = online
+        .trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+    probes * cpus
+}
+
 #[test]
 fn sighup_attaches_and_detaches_probes_keeping_counters() {
     let file = TempFile::new("probes.toml", "probes = [\"tcp\"]\n");
@@ -292,8 +310,8 @@ fn sighup_attaches_and_detaches_probes_keeping_counters() {
 
     assert_eq!(
         perf_events(agent.pid()),
-        6,
-        "tcp's 1 tracepoint + sched's 5"
+        6 + perf_buffers(2),
+        "tcp's 1 tracepoint + sched's 5 (+ their perf buffers)"
     );
 
     // Drop tcp: its programs are unloaded, its counts stay exported and stop moving; sched
@@ -307,8 +325,8 @@ fn sighup_attaches_and_detaches_probes_keeping_counters() {
     assert!(switches(&m) > before, "sched stopped counting");
     assert_eq!(failed(&m), 10.0, "a detached probe counted");
     assert_eq!(m.sum("tanzhen_probe_up", &[("probe", "tcp")]), 0.0);
-    // The tracepoint's link is closed: sched's five remain.
-    assert_eq!(perf_events(agent.pid()), 5);
+    // The tracepoint's link (and perf buffers) are closed: sched's five remain.
+    assert_eq!(perf_events(agent.pid()), 5 + perf_buffers(1));
 
     // Attaching it again in the same run is refused with the fix; the agent keeps running.
     file.write("probes = [\"sched\", \"tcp\"]\n");

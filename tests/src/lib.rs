@@ -15,6 +15,8 @@ use std::{
 #[cfg(test)]
 mod caps;
 #[cfg(test)]
+mod check;
+#[cfg(test)]
 mod cli;
 #[cfg(test)]
 mod config;
@@ -67,6 +69,18 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
+}
+
+/// Flags added to every `tanzhen run` the tests start, from `TANZHEN_E2E_EXTRA_ARGS`
+/// (whitespace-separated): `cargo xtask test` runs the probe tests a second time with
+/// `--transport perf --btf none`.
+#[must_use]
+pub fn extra_args() -> Vec<String> {
+    std::env::var("TANZHEN_E2E_EXTRA_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A running `tanzhen run`, stopped with SIGTERM when dropped.
@@ -133,6 +147,7 @@ impl Agent {
         let child = cmd
             .arg("run")
             .args(args)
+            .args(extra_args())
             .args(["--listen", &addr.to_string()])
             .args(log_args)
             .envs(env.iter().copied())
@@ -163,6 +178,26 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Asserts the agent logged the transport and BTF source this pass asks for: `perf` and
+    /// `none` under `--transport perf --btf none` (see [`extra_args`]), else what this machine
+    /// offers (a ring buffer and the kernel's BTF).
+    pub fn assert_compat_mode(&self) {
+        let extra = extra_args().join(" ");
+        let transport = if extra.contains("--transport perf") {
+            "perf"
+        } else {
+            "ringbuf"
+        };
+        let btf = if extra.contains("--btf none") {
+            "none"
+        } else {
+            "kernel (/sys/kernel/btf/vmlinux)"
+        };
+        let want = format!("event transport: {transport}; BTF: {btf}");
+        let log = self.log_text();
+        assert!(log.contains(&want), "expected `{want}` in the log:\n{log}");
     }
 
     /// Process id of the running agent.

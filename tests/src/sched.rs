@@ -88,17 +88,24 @@ fn switches(m: &Metrics, comm: &str, kind: &str) -> f64 {
     )
 }
 
-/// Drops the agent's own code is responsible for (map or ring buffer full, unreadable fields).
+/// Drops the agent's own code is responsible for (map, ring buffer or perf buffer full, perf
+/// output failures, unreadable fields).
 fn dropped(m: &Metrics) -> f64 {
-    ["map_full", "ringbuf_full", "read_error"]
-        .iter()
-        .map(|r| {
-            m.sum(
-                "tanzhen_events_lost_total",
-                &[("probe", "sched"), ("reason", r)],
-            )
-        })
-        .sum()
+    [
+        "map_full",
+        "ringbuf_full",
+        "perf_lost",
+        "perf_output_error",
+        "read_error",
+    ]
+    .iter()
+    .map(|r| {
+        m.sum(
+            "tanzhen_events_lost_total",
+            &[("probe", "sched"), ("reason", r)],
+        )
+    })
+    .sum()
 }
 
 /// Runs of our programs the kernel skipped (another BPF program was active on that CPU).
@@ -317,6 +324,7 @@ fn execs_and_exits_are_counted_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(execs(&m), n, "execs of {name}\n{}", m.0);
     assert_eq!(exits(&m), n, "exits of {name}\n{}", m.0);
+    agent.assert_compat_mode();
     assert_eq!(
         m.sum("tanzhen_decode_errors_total", &[("probe", "sched")]),
         0.0

@@ -141,6 +141,20 @@ fn build(root: &Path, release: bool) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// Flags of the second end-to-end pass: what a 4.19 kernel without BTF forces.
+const COMPAT_ARGS: &str = "--transport perf --btf none";
+/// The end-to-end tests that read the probes' events, run again with [`COMPAT_ARGS`]: the
+/// probe files, the OTLP tests whose spans come from TCP events, and the runtime detach test
+/// (perf buffers closed with their probe).
+const COMPAT_TESTS: &[&str] = &[
+    "tcp::",
+    "sched::",
+    "syscalls::",
+    "otlp::grpc_spans_and_metrics",
+    "otlp::spans_carry_the_container_id",
+    "config::sighup_attaches_and_detaches_probes_keeping_counters",
+];
+
 fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     build(root, false)?;
     step("unit tests (agent, agent-common, xtask)");
@@ -173,6 +187,29 @@ fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     }
     cmd.env("TANZHEN_BIN", target_dir(root).join("debug/tanzhen"));
     run(&mut cmd)?;
+
+    step(&format!(
+        "end-to-end tests again, for old kernels: the probe tests with `{COMPAT_ARGS}` \
+         (perf event arrays instead of the ring buffer, no kernel BTF)"
+    ));
+    let started = std::time::Instant::now();
+    let mut cmd = cargo(root);
+    cmd.args(["test", "--package", "tests", "--", "--test-threads=1"]);
+    match filter {
+        Some(f) => {
+            cmd.arg(f);
+        }
+        None => {
+            cmd.args(COMPAT_TESTS);
+        }
+    }
+    cmd.env("TANZHEN_BIN", target_dir(root).join("debug/tanzhen"));
+    cmd.env("TANZHEN_E2E_EXTRA_ARGS", COMPAT_ARGS);
+    run(&mut cmd)?;
+    eprintln!(
+        "(compatibility pass took {:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
 
     step("deployment manifests: Kubernetes schemas and the DaemonSet's flags");
     run(Command::new("python3")

@@ -197,7 +197,21 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
     };
     let fail = |e: &dyn std::fmt::Display| e.to_string();
     let tracefs = kernel::tracefs().map_err(|e| fail(&e))?;
-    let mut ebpf = loader::load(&[]).map_err(|e| fail(&e))?;
+    // As `run` does by default: the ring buffer where the kernel has one, the kernel's BTF
+    // when present, the TCP tracepoint unless it is missing.
+    let transport = crate::transport::TransportChoice::Auto.resolve(&kernel::has_ringbuf())?;
+    let btf_source = if kernel::has_btf() {
+        crate::compat::BtfSource::Kernel
+    } else {
+        crate::compat::BtfSource::None
+    };
+    let btf = btf_source.load()?;
+    let tcp_attach = crate::compat::TcpAttachChoice::Auto.resolve(Some(&tracefs.path));
+    let btf_bytes = match tcp_attach {
+        crate::compat::TcpAttach::Kprobe => btf_source.bytes()?,
+        crate::compat::TcpAttach::Tracepoint => None,
+    };
+    let mut ebpf = loader::load(transport, btf.as_ref(), &[]).map_err(|e| fail(&e))?;
     loader::configure(
         &mut ebpf,
         agent_common::AgentConfig {
@@ -218,14 +232,24 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
     let tp = &tracefs.path;
     let task = match args.what {
         What::Tcp => {
-            let p = TcpProbe::attach(&mut ebpf, tp, &snapshot, loss, Some(live.clone()))
-                .map_err(|e| fail(&e))?;
+            let p = TcpProbe::attach(
+                &mut ebpf,
+                tp,
+                tcp_attach,
+                btf_bytes.as_deref(),
+                transport,
+                &snapshot,
+                loss,
+                Some(live.clone()),
+            )
+            .map_err(|e| fail(&e))?;
             tokio::spawn(p.run(stop_rx.clone()))
         }
         What::Exec => {
             let p = SchedProbe::attach(
                 &mut ebpf,
                 tp,
+                transport,
                 &snapshot,
                 loss,
                 args.interval,

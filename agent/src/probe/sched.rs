@@ -1,6 +1,6 @@
 //! Scheduler probe, userspace side: reads the sched tracepoint layouts from tracefs, attaches
 //! the five programs, drains the in-kernel aggregation maps every `--interval` (and once more at
-//! shutdown), and turns process exec/exit events from the ring buffer into counters and a
+//! shutdown), and turns process exec/exit events (ring buffer or perf buffers) into counters and a
 //! tgid -> (comm, exe) cache.
 //!
 //! Metrics: `tanzhen_sched_runqueue_latency_seconds{comm,container_id}` (log2 buckets, exact sum),
@@ -28,13 +28,10 @@ use agent_common::sched::{
 };
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{ProgramFd, TracePoint},
 };
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use crate::{
     kernel::{self, Format},
@@ -44,6 +41,7 @@ use crate::{
         tcp::{LossCounters, comm_str},
     },
     snapshot::{CounterVec, Desc, HistogramVec, LOG2_NS_BOUNDS, Snapshot},
+    transport::{EventReader, Transport},
 };
 
 const PROBE: &str = "sched";
@@ -65,13 +63,13 @@ const EPOCH_GRACE: Duration = Duration::from_millis(20);
 const PROCESS_CACHE_MAX: usize = 65_536;
 
 /// Label values of the drop reasons, indexed like `SCHED_LOST_*`.
-const LOST_REASONS: [&str; SCHED_LOST_REASONS as usize] = {
+fn lost_reasons(transport: Transport) -> [&'static str; SCHED_LOST_REASONS as usize] {
     let mut r = [""; SCHED_LOST_REASONS as usize];
-    r[SCHED_LOST_RINGBUF_FULL as usize] = "ringbuf_full";
+    r[SCHED_LOST_RINGBUF_FULL as usize] = transport.kernel_drop_reason();
     r[SCHED_LOST_MAP_FULL as usize] = "map_full";
     r[SCHED_LOST_READ_ERROR as usize] = "read_error";
     r
-};
+}
 
 /// Label value of the kernel's own count of skipped runs: a tracepoint fired while another BPF
 /// program was running on that CPU (e.g. an IPI that wakes a task arriving during a syscall
@@ -198,7 +196,7 @@ pub fn config(f: &SchedFormats) -> Result<SchedConfig, ProbeError> {
     })
 }
 
-/// Why a ring buffer record could not be decoded.
+/// Why an event record could not be decoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("record of {0} bytes, expected {PROC_EVENT_SIZE}")]
@@ -361,7 +359,8 @@ pub struct SchedProbe {
     cfg_map: Array<MapData, SchedConfig>,
     switches: PerCpuHashMap<MapData, SwitchKey, SwitchCounts>,
     hist: HashMap<MapData, RunqKey, RunqHist>,
-    ring: RingBuf<MapData>,
+    events: EventReader,
+    transport: Transport,
     lost: PerCpuArray<MapData, u64>,
     /// The programs, for their `recursion_misses` (kept open after Ebpf detaches them).
     progs: Vec<ProgramFd>,
@@ -377,6 +376,7 @@ impl SchedProbe {
     pub fn attach(
         ebpf: &mut Ebpf,
         tracefs: &Path,
+        transport: Transport,
         snapshot: &Snapshot,
         loss: LossCounters,
         interval: Duration,
@@ -386,6 +386,8 @@ impl SchedProbe {
         log::debug!("sched tracepoint layout: {cfg:?}");
         let mut cfg_map: Array<MapData, SchedConfig> = take(ebpf, SCHED_CONFIG)?;
         cfg_map.set(0, cfg, 0)?;
+        // Readers first: a perf event array has no buffer for a CPU until it is opened.
+        let events = EventReader::open(ebpf, SCHED_EVENTS, transport)?;
         let mut progs = Vec::with_capacity(HOOKS.len());
         for name in HOOKS {
             let prog: &mut TracePoint = ebpf
@@ -401,7 +403,8 @@ impl SchedProbe {
             cfg_map,
             switches: take(ebpf, SCHED_SWITCHES)?,
             hist: take(ebpf, SCHED_RUNQ_HIST)?,
-            ring: take(ebpf, SCHED_EVENTS)?,
+            events,
+            transport,
             lost: take(ebpf, SCHED_LOST)?,
             progs,
             metrics: SchedMetrics::register(snapshot),
@@ -412,7 +415,7 @@ impl SchedProbe {
         })
     }
 
-    /// Drains the ring buffer as events arrive and the aggregation maps every interval, until
+    /// Drains the events as they arrive and the aggregation maps every interval, until
     /// `stop` turns true; then drains everything left (the programs are detached by then).
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ProbeError> {
         let Self {
@@ -420,7 +423,8 @@ impl SchedProbe {
             mut cfg_map,
             mut switches,
             mut hist,
-            ring,
+            mut events,
+            transport,
             lost,
             progs,
             metrics,
@@ -430,20 +434,21 @@ impl SchedProbe {
             sink,
         } = self;
         let sink = sink.as_deref();
-        // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(std::io::Error::from)?;
+        let perf_lost = events.lost();
+        let reasons = lost_reasons(transport);
+        let export_lost = || {
+            read_lost(&lost, &progs, &loss, &reasons);
+            loss.read_perf(PROBE, transport, &perf_lost);
+        };
+        export_lost();
+        let mut on_record = |bytes: &[u8]| handle(bytes, &metrics, &cache, &loss, sink);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         let mut cgroups = CgroupIds::new();
         loop {
             tokio::select! {
-                res = fd.readable_mut() => {
-                    let mut guard = res?;
-                    drain_events(guard.get_inner_mut(), &metrics, &cache, &loss, sink);
-                    guard.clear_ready();
-                }
+                res = events.read(&mut on_record) => res?,
                 _ = tick.tick() => {
                     // Move the programs to a new epoch, let stragglers finish, then take
                     // everything older.
@@ -453,27 +458,28 @@ impl SchedProbe {
                     }
                     tokio::time::sleep(EPOCH_GRACE).await;
                     drain_maps(&mut switches, &mut hist, (&metrics, &mut cgroups), Some(cfg.epoch));
-                    read_lost(&lost, &progs, &loss);
+                    export_lost();
                 }
                 _ = stop.changed() => break,
             }
         }
-        drain_events(fd.get_mut(), &metrics, &cache, &loss, sink);
+        events.drain(&mut on_record);
         drain_maps(&mut switches, &mut hist, (&metrics, &mut cgroups), None);
-        read_lost(&lost, &progs, &loss);
+        export_lost();
         Ok(())
     }
 }
 
-fn drain_events(
-    ring: &mut RingBuf<MapData>,
+/// Decodes and records one process event record.
+fn handle(
+    bytes: &[u8],
     metrics: &SchedMetrics,
     cache: &ProcessCache,
     loss: &LossCounters,
     sink: Option<&dyn ProcSink>,
 ) {
-    while let Some(item) = ring.next() {
-        match decode(&item) {
+    {
+        match decode(bytes) {
             Ok(ev) => {
                 metrics.record(&ev);
                 if let Some(sink) = sink {
@@ -553,12 +559,17 @@ fn drain_maps(
     }
 }
 
-fn read_lost(lost: &PerCpuArray<MapData, u64>, progs: &[ProgramFd], loss: &LossCounters) {
+fn read_lost(
+    lost: &PerCpuArray<MapData, u64>,
+    progs: &[ProgramFd],
+    loss: &LossCounters,
+    reasons: &[&str],
+) {
     let misses: Option<u64> = progs.iter().map(|p| recursion_misses(p.as_fd())).sum();
     if let Some(m) = misses {
         loss.events_lost.set_total(&[PROBE, LOST_RECURSION], m);
     }
-    loss.read_kernel(PROBE, lost, &LOST_REASONS);
+    loss.read_kernel(PROBE, lost, reasons);
 }
 
 #[cfg(test)]

@@ -1,11 +1,19 @@
 //! TCP probe, userspace side: hands the tracepoint offsets to the kernel program, attaches it,
-//! drains its ring buffer with `AsyncFd` and turns events into connect/accept metrics.
+//! drains its events (ring buffer or perf buffers, see `transport.rs`) and turns them into
+//! connect/accept metrics.
 //!
 //! Metrics: `tanzhen_tcp_connects_total{comm,outcome}`, `tanzhen_tcp_connect_duration_seconds{comm}`
 //! (established connects only), `tanzhen_tcp_accepts_total{comm}`; drops feed
 //! `tanzhen_events_lost_total{probe="tcp",reason}` and `tanzhen_decode_errors_total{probe="tcp"}`.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use agent_common::{
     COMM_LEN,
@@ -13,29 +21,95 @@ use agent_common::{
         AF_INET6, FIELD_ABSENT, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
         TCP_EVENT_CONNECT_FAILED, TCP_EVENT_SIZE, TCP_EVENTS, TCP_LISTENERS, TCP_LOST,
         TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL,
-        TCP_TP_OFFSETS, TcpEvent, TcpListener, TcpTpOffsets,
+        TCP_SOCK_OFFSETS, TCP_TP_OFFSETS, TcpEvent, TcpListener, TcpSockOffsets, TcpTpOffsets,
     },
 };
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{KProbe, TracePoint},
 };
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use crate::{
+    compat::TcpAttach,
     kernel::{self, Format},
     probe::{ProbeError, listeners, take},
     snapshot::{CounterVec, Desc, HistogramVec, Snapshot},
+    transport::{EventReader, Transport},
 };
 
-/// Name of the kernel program (`agent-ebpf/src/tcp.rs`).
+/// Name of the tracepoint program (`agent-ebpf/src/tcp.rs`).
 const PROGRAM: &str = "tcp_inet_sock_set_state";
-/// The kernel programs of this probe (unloaded when it is detached at runtime).
-pub const PROGRAMS: &[&str] = &[PROGRAM];
+/// The kprobe programs (`agent-ebpf/src/tcp_kprobe.rs`): (program, kernel function, required).
+/// `tcp_v6_connect` is missing where IPv6 is a module that is not loaded.
+pub const KPROBES: &[(&str, &str, bool)] = &[
+    ("tcp_kprobe_v4_connect", "tcp_v4_connect", true),
+    ("tcp_kprobe_v6_connect", "tcp_v6_connect", false),
+    ("tcp_kprobe_set_state", "tcp_set_state", true),
+    ("tcp_kprobe_accept", "inet_csk_accept", true),
+];
+/// The kernel programs of this probe, both attach methods (unloaded when it is detached at
+/// runtime).
+pub const PROGRAMS: &[&str] = &[
+    PROGRAM,
+    "tcp_kprobe_v4_connect",
+    "tcp_kprobe_v6_connect",
+    "tcp_kprobe_set_state",
+    "tcp_kprobe_accept",
+];
+
+/// The programs of one attach method.
+#[must_use]
+pub fn programs(attach: TcpAttach) -> &'static [&'static str] {
+    match attach {
+        TcpAttach::Tracepoint => &PROGRAMS[..1],
+        TcpAttach::Kprobe => &PROGRAMS[1..],
+    }
+}
+
+/// How `check` and the logs name an attach method.
+#[must_use]
+pub fn describe(attach: TcpAttach) -> &'static str {
+    match attach {
+        TcpAttach::Tracepoint => "tracepoint sock:inet_sock_set_state",
+        TcpAttach::Kprobe => {
+            "kprobes tcp_v4_connect, tcp_v6_connect, tcp_set_state, kretprobe inet_csk_accept"
+        }
+    }
+}
+
+/// The `struct sock_common` offsets of the kprobe path: from BTF when `btf` holds some (and it
+/// names every field), else [`TcpSockOffsets::DEFAULT`]. Also returns where they came from.
+#[must_use]
+pub fn sock_offsets(btf: Option<&[u8]>) -> (TcpSockOffsets, String) {
+    let from_btf = |data: &[u8]| -> Result<TcpSockOffsets, String> {
+        let t = crate::btf::Types::parse(data)?;
+        let m = |name: &str| t.member_offset("sock_common", name);
+        Ok(TcpSockOffsets {
+            daddr: m("skc_daddr")?,
+            rcv_saddr: m("skc_rcv_saddr")?,
+            dport: m("skc_dport")?,
+            num: m("skc_num")?,
+            family: m("skc_family")?,
+            state: m("skc_state")?,
+            v6_daddr: m("skc_v6_daddr")?,
+            v6_rcv_saddr: m("skc_v6_rcv_saddr")?,
+            ready: 1,
+        })
+    };
+    match btf.map(from_btf) {
+        Some(Ok(o)) => (o, "BTF".into()),
+        Some(Err(e)) => (
+            TcpSockOffsets::DEFAULT,
+            format!("the built-in table (BTF unusable: {e})"),
+        ),
+        None => (
+            TcpSockOffsets::DEFAULT,
+            "the built-in table (no BTF)".into(),
+        ),
+    }
+}
 const PROBE: &str = "tcp";
 
 /// Connect duration buckets: 50 µs to 10 s in 1-2.5-5 steps.
@@ -45,13 +119,13 @@ pub const CONNECT_DURATION_BOUNDS: &[f64] = &[
 ];
 
 /// Label values of the drop reasons, indexed like `TCP_LOST_*`.
-const LOST_REASONS: [&str; TCP_LOST_REASONS as usize] = {
+fn lost_reasons(transport: Transport) -> [&'static str; TCP_LOST_REASONS as usize] {
     let mut r = [""; TCP_LOST_REASONS as usize];
-    r[TCP_LOST_RINGBUF_FULL as usize] = "ringbuf_full";
+    r[TCP_LOST_RINGBUF_FULL as usize] = transport.kernel_drop_reason();
     r[TCP_LOST_MAP_FULL as usize] = "map_full";
     r[TCP_LOST_READ_ERROR as usize] = "read_error";
     r
-};
+}
 
 /// Builds the offsets map entry from the tracepoint's `format`. Every field but `family`
 /// (added after 4.19) is required, at the size the program reads.
@@ -80,7 +154,7 @@ pub fn offsets(f: &Format) -> Result<TcpTpOffsets, ProbeError> {
     })
 }
 
-/// Why a ring buffer record could not be decoded.
+/// Why an event record could not be decoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("record of {0} bytes, expected {TCP_EVENT_SIZE}")]
@@ -89,7 +163,8 @@ pub enum DecodeError {
     Kind(u32),
 }
 
-/// Decodes one ring buffer record without trusting its length or contents.
+/// Decodes one event record (ring buffer or perf sample, which may carry trailing padding)
+/// without trusting its length or contents.
 pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
     if bytes.len() < TCP_EVENT_SIZE {
         return Err(DecodeError::Size(bytes.len()));
@@ -195,7 +270,7 @@ impl LossCounters {
         let loss = Self {
             events_lost: snapshot.counter(Desc {
                 name: "tanzhen_events_lost",
-                help: "Events dropped in the kernel, by probe and reason (ringbuf_full, map_full, read_error; recursion: runs the kernel skipped because another BPF program was active on the CPU).",
+                help: "Events dropped in the kernel, by probe and reason (ringbuf_full, perf_lost, perf_output_error, map_full, read_error; recursion: runs the kernel skipped because another BPF program was active on the CPU).",
                 labels: &["probe", "reason"],
             }),
             decode_errors: snapshot.counter(Desc {
@@ -207,6 +282,15 @@ impl LossCounters {
         loss.events_lost.persistent();
         loss.decode_errors.persistent();
         loss
+    }
+
+    /// The perf buffers' own drop count (PERF_RECORD_LOST samples) as
+    /// `tanzhen_events_lost_total{probe,reason="perf_lost"}`.
+    pub fn read_perf(&self, probe: &str, transport: Transport, lost: &AtomicU64) {
+        if transport == Transport::Perf {
+            self.events_lost
+                .set_total(&[probe, "perf_lost"], lost.load(Ordering::Relaxed));
+        }
     }
 
     /// Copies a probe's per-CPU kernel drop counters (slot `i` = `reasons[i]`) into
@@ -224,9 +308,10 @@ impl LossCounters {
     }
 }
 
-/// The attached TCP probe: its ring buffer and drop counters, ready to drain.
+/// The attached TCP probe: its event reader and drop counters, ready to drain.
 pub struct TcpProbe {
-    ring: RingBuf<MapData>,
+    events: EventReader,
+    transport: Transport,
     lost: PerCpuArray<MapData, u64>,
     metrics: TcpMetrics,
     loss: LossCounters,
@@ -234,47 +319,30 @@ pub struct TcpProbe {
 }
 
 impl TcpProbe {
-    /// Writes the offsets, loads and attaches the program, and takes the maps it drains.
+    /// Writes the offsets, loads and attaches the programs of `attach` (`btf`: raw BTF for the
+    /// kprobe path's struct offsets), and takes the maps it drains.
+    #[expect(clippy::too_many_arguments, reason = "one call site, all distinct")]
     pub fn attach(
         ebpf: &mut Ebpf,
         tracefs: &Path,
+        attach: TcpAttach,
+        btf: Option<&[u8]>,
+        transport: Transport,
         snapshot: &Snapshot,
         loss: LossCounters,
         sink: Option<Arc<dyn ConnectSink>>,
     ) -> Result<Self, ProbeError> {
-        let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
-        let off = offsets(&format)?;
-        if off.family == FIELD_ABSENT {
-            log::warn!(
-                "sock:inet_sock_set_state has no `family` field: IPv6 connects are not told apart yet"
-            );
+        // Readers first: a perf event array has no buffer for a CPU until it is opened, and
+        // events sent before would fail (counted as perf_output_error).
+        let events = EventReader::open(ebpf, TCP_EVENTS, transport)?;
+        match attach {
+            TcpAttach::Tracepoint => attach_tracepoint(ebpf, tracefs)?,
+            TcpAttach::Kprobe => attach_kprobes(ebpf, tracefs, btf)?,
         }
-        let mut offsets_map: Array<_, TcpTpOffsets> = Array::try_from(
-            ebpf.map_mut(TCP_TP_OFFSETS)
-                .ok_or(ProbeError::MissingMap(TCP_TP_OFFSETS))?,
-        )?;
-        offsets_map.set(0, off, 0)?;
-
-        let prog: &mut TracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(ProbeError::MissingProgram(PROGRAM))?
-            .try_into()?;
-        prog.load()?;
-        // Listeners that predate us: once before attaching, so no accept completes against an
-        // unknown listener once the program runs, and once after, for sockets that started
-        // listening in between (NOEXIST keeps what the program recorded itself).
-        seed_listeners(ebpf)?;
-        let prog: &mut TracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(ProbeError::MissingProgram(PROGRAM))?
-            .try_into()?;
-        prog.attach("sock", "inet_sock_set_state")?;
-        seed_listeners(ebpf)?;
-
-        let ring = take(ebpf, TCP_EVENTS)?;
         let lost = take(ebpf, TCP_LOST)?;
         Ok(Self {
-            ring,
+            events,
+            transport,
             lost,
             metrics: TcpMetrics::register(snapshot),
             loss,
@@ -282,36 +350,102 @@ impl TcpProbe {
         })
     }
 
-    /// Drains the ring buffer until `stop` turns true, then drains what is left and returns.
+    /// Drains the events until `stop` turns true, then drains what is left and returns.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ProbeError> {
         let Self {
-            ring,
+            mut events,
+            transport,
             lost,
             metrics,
             loss,
             sink,
         } = self;
         let sink = sink.as_deref();
-        // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(std::io::Error::from)?;
+        let perf_lost = events.lost();
+        let reasons = lost_reasons(transport);
+        let read_lost = || {
+            loss.read_kernel(PROBE, &lost, &reasons);
+            loss.read_perf(PROBE, transport, &perf_lost);
+        };
+        read_lost();
+        let mut on_record = |bytes: &[u8]| handle(bytes, &metrics, &loss, sink);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                res = fd.readable_mut() => {
-                    let mut guard = res?;
-                    drain(guard.get_inner_mut(), &metrics, &loss, sink);
-                    guard.clear_ready();
-                }
-                _ = tick.tick() => read_lost(&lost, &loss),
+                res = events.read(&mut on_record) => res?,
+                _ = tick.tick() => read_lost(),
                 _ = stop.changed() => break,
             }
         }
-        // Flush: events submitted before detach are still in the buffer.
-        drain(fd.get_mut(), &metrics, &loss, sink);
-        read_lost(&lost, &loss);
+        // Flush: events submitted before detach are still in the buffers.
+        events.drain(&mut on_record);
+        read_lost();
         Ok(())
     }
+}
+
+/// Loads and attaches the tracepoint program, with the record layout from tracefs.
+fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> {
+    let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
+    let off = offsets(&format)?;
+    if off.family == FIELD_ABSENT {
+        log::warn!(
+            "sock:inet_sock_set_state has no `family` field: IPv6 connects are not told apart yet"
+        );
+    }
+    let mut offsets_map: Array<_, TcpTpOffsets> = Array::try_from(
+        ebpf.map_mut(TCP_TP_OFFSETS)
+            .ok_or(ProbeError::MissingMap(TCP_TP_OFFSETS))?,
+    )?;
+    offsets_map.set(0, off, 0)?;
+
+    let prog: &mut TracePoint = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(ProbeError::MissingProgram(PROGRAM))?
+        .try_into()?;
+    prog.load()?;
+    // Listeners that predate us: once before attaching, so no accept completes against an
+    // unknown listener once the program runs, and once after, for sockets that started
+    // listening in between (NOEXIST keeps what the program recorded itself).
+    seed_listeners(ebpf)?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(ProbeError::MissingProgram(PROGRAM))?
+        .try_into()?;
+    prog.attach("sock", "inet_sock_set_state")?;
+    seed_listeners(ebpf)?;
+    Ok(())
+}
+
+/// Loads and attaches the kprobe programs, with `struct sock_common` offsets from `btf` or the
+/// built-in table. Fails with the reason when this kernel cannot attach kprobes.
+fn attach_kprobes(ebpf: &mut Ebpf, tracefs: &Path, btf: Option<&[u8]>) -> Result<(), ProbeError> {
+    crate::features::kprobes(Some(tracefs)).map_err(|why| ProbeError::Unsupported {
+        probe: PROBE,
+        reason: format!("kprobes are not available ({why}); use --tcp-attach tracepoint"),
+    })?;
+    let (off, origin) = sock_offsets(btf);
+    log::info!("tcp: kprobe path, struct sock_common offsets from {origin}: {off:?}");
+    let mut map: Array<_, TcpSockOffsets> = Array::try_from(
+        ebpf.map_mut(TCP_SOCK_OFFSETS)
+            .ok_or(ProbeError::MissingMap(TCP_SOCK_OFFSETS))?,
+    )?;
+    map.set(0, off, 0)?;
+    for &(name, function, required) in KPROBES {
+        let prog: &mut KProbe = ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram(name))?
+            .try_into()?;
+        prog.load()?;
+        match prog.attach(function, 0) {
+            Ok(_) => {}
+            Err(e) if !required => {
+                log::warn!("tcp: kprobe on {function} failed ({e}): those connects are not seen");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Records the processes already listening (see [`listeners`]) in `TCP_LISTENERS`.
@@ -353,14 +487,10 @@ fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    metrics: &TcpMetrics,
-    loss: &LossCounters,
-    sink: Option<&dyn ConnectSink>,
-) {
-    while let Some(item) = ring.next() {
-        match decode(&item) {
+/// Decodes and records one event record.
+fn handle(bytes: &[u8], metrics: &TcpMetrics, loss: &LossCounters, sink: Option<&dyn ConnectSink>) {
+    {
+        match decode(bytes) {
             Ok(ev) => {
                 log::trace!(
                     "tcp event kind={} comm={} peer={}",
@@ -381,10 +511,6 @@ fn drain(
             }
         }
     }
-}
-
-fn read_lost(lost: &PerCpuArray<MapData, u64>, loss: &LossCounters) {
-    loss.read_kernel(PROBE, lost, &LOST_REASONS);
 }
 
 /// A well-formed IPv4 event from 127.0.0.1:40000 to `daddr`:80, tgid 42, for unit tests here
@@ -482,6 +608,25 @@ mod tests {
         assert_eq!(h.count, 1);
         // 120 µs falls in the (100 µs, 250 µs] bucket.
         assert_eq!(h.counts[2], 1);
+    }
+
+    #[test]
+    fn sock_offsets_from_btf_match_the_built_in_table() {
+        let (off, origin) = sock_offsets(None);
+        assert_eq!(
+            (off, origin.as_str()),
+            (TcpSockOffsets::DEFAULT, "the built-in table (no BTF)")
+        );
+        let (off, origin) = sock_offsets(Some(b"garbage"));
+        assert_eq!(off, TcpSockOffsets::DEFAULT);
+        assert!(origin.contains("BTF unusable"), "{origin}");
+        // This machine's kernel (6.18) lays struct sock_common out as the table says.
+        if let Ok(data) = std::fs::read(crate::compat::KERNEL_BTF) {
+            assert_eq!(
+                sock_offsets(Some(&data)),
+                (TcpSockOffsets::DEFAULT, "BTF".into())
+            );
+        }
     }
 
     #[test]

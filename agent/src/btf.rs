@@ -1,0 +1,182 @@
+//! A minimal reader of BTF type information: the byte offsets of named members of a struct
+//! (through anonymous unions and structs), which aya does not expose. The kprobe TCP path uses
+//! it for `struct sock_common` when the kernel has BTF (or `--btf-path` names a file).
+//!
+//! Format: <https://docs.kernel.org/bpf/btf.html> (header, type section, string section).
+
+use std::collections::HashMap;
+
+const MAGIC: u16 = 0xeb9f;
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_ENUM64: u32 = 19;
+
+/// One member of a struct or union.
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    /// Offset in bits.
+    bit_offset: u32,
+}
+
+/// A parsed struct or union.
+#[derive(Clone, Debug)]
+struct Composite {
+    members: Vec<Member>,
+}
+
+/// The structs and unions of a BTF blob, enough to resolve member offsets.
+#[derive(Debug)]
+pub struct Types<'a> {
+    strings: &'a [u8],
+    /// type id -> composite (only structs and unions are kept).
+    composites: HashMap<u32, Composite>,
+    /// struct name -> type id (the first one, for names that occur more than once).
+    structs: HashMap<String, u32>,
+}
+
+fn u32_at(d: &[u8], off: usize) -> Result<u32, String> {
+    d.get(off..off + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .ok_or_else(|| format!("BTF truncated at byte {off}"))
+}
+
+impl<'a> Types<'a> {
+    /// Parses a little-endian BTF blob (e.g. /sys/kernel/btf/vmlinux).
+    pub fn parse(data: &'a [u8]) -> Result<Self, String> {
+        let magic = data
+            .get(0..2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .ok_or("BTF too short")?;
+        if magic != MAGIC {
+            return Err(format!("not BTF (magic {magic:#x}, expected {MAGIC:#x})"));
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let types = data
+            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .ok_or("BTF type section out of bounds")?;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or("BTF string section out of bounds")?;
+        let mut t = Self {
+            strings,
+            composites: HashMap::new(),
+            structs: HashMap::new(),
+        };
+        let mut pos = 0;
+        let mut id = 1u32;
+        while pos < types.len() {
+            let name_off = u32_at(types, pos)?;
+            let info = u32_at(types, pos + 4)?;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            pos += 12;
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                _ => 0,
+            };
+            if kind == KIND_STRUCT || kind == KIND_UNION {
+                let mut members = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let m = pos + i * 12;
+                    let off = u32_at(types, m + 8)?;
+                    members.push(Member {
+                        name_off: u32_at(types, m)?,
+                        type_id: u32_at(types, m + 4)?,
+                        // With kind_flag the top 8 bits hold a bitfield's size.
+                        bit_offset: if kind_flag { off & 0x00ff_ffff } else { off },
+                    });
+                }
+                if kind == KIND_STRUCT && name_off != 0 {
+                    let name = t.string(name_off)?;
+                    t.structs.entry(name).or_insert(id);
+                }
+                t.composites.insert(id, Composite { members });
+            }
+            pos += extra;
+            id += 1;
+        }
+        Ok(t)
+    }
+
+    fn string(&self, off: u32) -> Result<String, String> {
+        let s = self
+            .strings
+            .get(off as usize..)
+            .ok_or_else(|| format!("BTF string offset {off} out of bounds"))?;
+        let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+        Ok(String::from_utf8_lossy(&s[..end]).into_owned())
+    }
+
+    /// Byte offset of member `name` of struct `strukt`, looking into anonymous unions and
+    /// structs (as C does). `Err` names what is missing.
+    pub fn member_offset(&self, strukt: &str, name: &str) -> Result<u32, String> {
+        let id = *self
+            .structs
+            .get(strukt)
+            .ok_or_else(|| format!("BTF has no struct {strukt}"))?;
+        self.find(id, name, 0, 0)?
+            .map(|bits| bits / 8)
+            .ok_or_else(|| format!("BTF struct {strukt} has no member {name}"))
+    }
+
+    fn find(&self, id: u32, name: &str, base: u32, depth: u32) -> Result<Option<u32>, String> {
+        if depth > 8 {
+            return Ok(None);
+        }
+        let Some(c) = self.composites.get(&id) else {
+            return Ok(None);
+        };
+        for m in &c.members {
+            if m.name_off == 0 {
+                if let Some(off) = self.find(m.type_id, name, base + m.bit_offset, depth + 1)? {
+                    return Ok(Some(off));
+                }
+            } else if self.string(m.name_off)? == name {
+                return Ok(Some(base + m.bit_offset));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(Types::parse(b"").is_err());
+        assert!(Types::parse(&[0u8; 64]).unwrap_err().contains("not BTF"));
+    }
+
+    /// On this machine's kernel (when it has BTF): the struct sock_common offsets the kprobe TCP
+    /// path would read.
+    #[test]
+    fn reads_sock_common_from_the_kernel() {
+        let Ok(data) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            eprintln!("no kernel BTF here: skipped");
+            return;
+        };
+        let t = Types::parse(&data).unwrap();
+        assert_eq!(t.member_offset("sock_common", "skc_daddr"), Ok(0));
+        assert_eq!(t.member_offset("sock_common", "skc_family"), Ok(16));
+        assert!(t.member_offset("sock_common", "nope").is_err());
+        assert!(t.member_offset("no_such_struct", "x").is_err());
+    }
+}
