@@ -261,11 +261,23 @@ impl Workload {
         Self(child)
     }
 
+    /// The workload's comm once it runs Python (`python3` may be a wrapper script, e.g. a
+    /// pyenv shim, that execs the interpreter a moment later).
     fn comm(&self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/comm", self.0.id()))
-            .expect("workload comm")
-            .trim()
-            .to_owned()
+        let read = || {
+            std::fs::read_to_string(format!("/proc/{}/comm", self.0.id()))
+                .expect("workload comm")
+                .trim()
+                .to_owned()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut comm = read();
+        while !comm.starts_with("python") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            comm = read();
+        }
+        assert!(comm.starts_with("python"), "the workload runs as `{comm}`, not python");
+        comm
     }
 }
 
