@@ -276,7 +276,10 @@ impl Workload {
             std::thread::sleep(Duration::from_millis(50));
             comm = read();
         }
-        assert!(comm.starts_with("python"), "the workload runs as `{comm}`, not python");
+        assert!(
+            comm.starts_with("python"),
+            "the workload runs as `{comm}`, not python"
+        );
         comm
     }
 }

@@ -34,6 +34,7 @@ mod server;
 mod syscalls;
 #[cfg(test)]
 mod tcp;
+pub mod workload;
 
 /// Path of the binary under test: `$TANZHEN_BIN`, else `target/debug/tanzhen`.
 #[must_use]

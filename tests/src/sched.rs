@@ -4,7 +4,6 @@
 //! the agent's per-comm counts cover exactly the window the kernel's counters do.
 
 use std::{
-    io::{Read as _, Write as _},
     sync::{
         Arc, Barrier,
         atomic::{AtomicBool, Ordering},
@@ -13,73 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Agent, FakeContainer, Metrics, comm, wait_for};
-
-/// Sets the calling thread's comm (prctl PR_SET_NAME).
-fn set_comm(name: &str) {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr(), 0, 0, 0) };
-    assert_eq!(rc, 0, "prctl(PR_SET_NAME)");
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
-        assert_eq!(rc, 0, "sched_setaffinity to CPU {cpu}");
-    }
-}
-
-fn require_cpus(n: usize) {
-    let have = thread::available_parallelism().map_or(1, usize::from);
-    assert!(
-        have >= n,
-        "this test pins threads to {n} CPUs; the machine has {have}"
-    );
-}
-
-/// The kernel's (voluntary, involuntary) switch counts of the calling thread.
-fn my_switches() -> (u64, u64) {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
-    let field = |name: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /proc/self/task/{tid}/status"))
-    };
-    (
-        field("voluntary_ctxt_switches:"),
-        field("nonvoluntary_ctxt_switches:"),
-    )
-}
-
-/// Runs `work` in a thread (pinned to `cpu` if given) that carries `name` only while the kernel's counters
-/// are being bracketed; returns the kernel's (voluntary, involuntary) deltas for that window.
-fn bracketed(
-    name: String,
-    cpu: Option<usize>,
-    start: Arc<Barrier>,
-    work: impl FnOnce() + Send + 'static,
-) -> thread::JoinHandle<(u64, u64)> {
-    thread::spawn(move || {
-        if let Some(cpu) = cpu {
-            pin(cpu);
-        }
-        set_comm(&name);
-        let before = my_switches();
-        start.wait();
-        work();
-        let after = my_switches();
-        set_comm("tz-done");
-        (after.0 - before.0, after.1 - before.1)
-    })
-}
+use crate::{
+    Agent, FakeContainer, Metrics, comm, wait_for,
+    workload::{assert_close, bracketed, pipe_ping_pong, require_cpus},
+};
 
 fn switches(m: &Metrics, comm: &str, kind: &str) -> f64 {
     m.sum(
@@ -123,18 +59,6 @@ fn runq_count(m: &Metrics, comm: &str) -> f64 {
     )
 }
 
-/// Asserts `got` is within 1% of `want` (at least 2 switches, for tiny counts).
-fn assert_close(got: f64, want: u64, what: &str, scrape: &Metrics) {
-    #[expect(clippy::cast_precision_loss, reason = "small counts")]
-    let want = want as f64;
-    let tol = (want * 0.01).max(2.0);
-    assert!(
-        (got - want).abs() <= tol,
-        "{what}: agent {got}, kernel {want} (tolerance {tol})\n{}",
-        scrape.0
-    );
-}
-
 /// Waits until the agent's counts reach the kernel's, then two more drain intervals so that
 /// any extra count would show too.
 fn settle(agent: &Agent, cond: impl Fn(&Metrics) -> bool) -> Metrics {
@@ -163,26 +87,7 @@ fn ping_pong(prefix: &str, cpus: [Option<usize>; 2]) {
     let name = comm(prefix);
     let before = agent.scrape();
 
-    let (mut a_rx, mut b_tx) = std::io::pipe().unwrap();
-    let (mut b_rx, mut a_tx) = std::io::pipe().unwrap();
-    let start = Arc::new(Barrier::new(2));
-    let a = bracketed(name.clone(), cpus[0], start.clone(), move || {
-        let mut buf = [0u8; 1];
-        for _ in 0..ROUND_TRIPS {
-            a_tx.write_all(b"p").unwrap();
-            a_rx.read_exact(&mut buf).unwrap();
-        }
-    });
-    let b = bracketed(name.clone(), cpus[1], start, move || {
-        let mut buf = [0u8; 1];
-        for _ in 0..ROUND_TRIPS {
-            b_rx.read_exact(&mut buf).unwrap();
-            b_tx.write_all(b"q").unwrap();
-        }
-    });
-    let (va, ia) = a.join().unwrap();
-    let (vb, ib) = b.join().unwrap();
-    let (vol, invol) = (va + vb, ia + ib);
+    let (vol, invol) = pipe_ping_pong(&name, cpus, ROUND_TRIPS);
     assert!(
         vol + invol > ROUND_TRIPS as u64,
         "a ping-pong switches at least once per round trip: {vol} + {invol}"

@@ -7,154 +7,15 @@
 //! libc calls (no allocation, no locks).
 
 use std::{
-    ffi::CString,
     net::{Ipv4Addr, SocketAddr, TcpListener},
     thread,
     time::Duration,
 };
 
-use crate::{Agent, Metrics, comm, wait_for};
-
-/// What a worker does when told to go.
-#[derive(Clone, Copy, Debug, Default)]
-struct Workload {
-    /// `syscall(SYS_getppid)` calls (libc cannot cache or skip them).
-    getppid: u32,
-    /// `openat` calls on a path that does not exist (ENOENT).
-    open_missing: u32,
-    /// `openat` calls on an existing file (each followed by a `close`).
-    open_existing: u32,
-    /// One TCP connect to this loopback port.
-    connect_port: Option<u16>,
-}
-
-/// A forked child named `name`, waiting for [`Worker::go`].
-struct Worker {
-    pid: libc::pid_t,
-    cmd: libc::c_int,
-    done: libc::c_int,
-}
-
-impl Worker {
-    fn spawn(name: &str, w: Workload) -> Self {
-        let cname = CString::new(name).unwrap();
-        let dir = std::env::temp_dir();
-        let existing = dir.join(format!("tanzhen-sc-{}-{name}", std::process::id()));
-        std::fs::write(&existing, b"x").unwrap();
-        let existing = CString::new(existing.to_str().unwrap()).unwrap();
-        let missing = CString::new(
-            dir.join(format!("tanzhen-sc-missing-{}", std::process::id()))
-                .to_str()
-                .unwrap(),
-        )
-        .unwrap();
-        let (mut cmd, mut done) = ([0; 2], [0; 2]);
-        // SAFETY: plain syscalls; after fork the child only makes async-signal-safe calls on
-        // memory prepared before the fork, then `_exit`s.
-        unsafe {
-            // CLOEXEC keeps the agent (spawned later) from inheriting them; other workers do
-            // inherit them (no exec), hence the explicit quit command instead of EOF.
-            assert_eq!(libc::pipe2(cmd.as_mut_ptr(), libc::O_CLOEXEC), 0);
-            assert_eq!(libc::pipe2(done.as_mut_ptr(), libc::O_CLOEXEC), 0);
-            let pid = libc::fork();
-            assert!(pid >= 0, "fork failed");
-            if pid == 0 {
-                libc::prctl(libc::PR_SET_NAME, cname.as_ptr());
-                let mut b = 0u8;
-                if libc::read(cmd[0], (&raw mut b).cast(), 1) != 1 || b != b'g' {
-                    libc::_exit(3);
-                }
-                for _ in 0..w.getppid {
-                    libc::syscall(libc::SYS_getppid);
-                }
-                for _ in 0..w.open_missing {
-                    let fd = libc::syscall(
-                        libc::SYS_openat,
-                        libc::AT_FDCWD,
-                        missing.as_ptr(),
-                        libc::O_RDONLY | libc::O_CLOEXEC,
-                    );
-                    if fd >= 0 {
-                        libc::_exit(4);
-                    }
-                }
-                for _ in 0..w.open_existing {
-                    let fd = libc::syscall(
-                        libc::SYS_openat,
-                        libc::AT_FDCWD,
-                        existing.as_ptr(),
-                        libc::O_RDONLY | libc::O_CLOEXEC,
-                    );
-                    if fd < 0 {
-                        libc::_exit(5);
-                    }
-                    libc::close(fd as libc::c_int);
-                }
-                if let Some(port) = w.connect_port {
-                    let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                    let addr = libc::sockaddr_in {
-                        sin_family: libc::AF_INET as libc::sa_family_t,
-                        sin_port: port.to_be(),
-                        sin_addr: libc::in_addr {
-                            s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-                        },
-                        sin_zero: [0; 8],
-                    };
-                    #[expect(clippy::cast_possible_truncation, reason = "16 bytes")]
-                    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                    if libc::connect(s, (&raw const addr).cast(), len) != 0 {
-                        libc::_exit(6);
-                    }
-                    libc::close(s);
-                }
-                libc::write(done[1], (&raw const b).cast(), 1);
-                libc::read(cmd[0], (&raw mut b).cast(), 1);
-                libc::_exit(0);
-            }
-            libc::close(cmd[0]);
-            libc::close(done[1]);
-            Self {
-                pid,
-                cmd: cmd[1],
-                done: done[0],
-            }
-        }
-    }
-
-    fn pid(&self) -> String {
-        self.pid.to_string()
-    }
-
-    /// Runs the workload and waits until the worker has finished it.
-    fn go(&self) {
-        let b = b'g';
-        let mut r = 0u8;
-        // SAFETY: our own pipe fds.
-        unsafe {
-            assert_eq!(libc::write(self.cmd, (&raw const b).cast(), 1), 1);
-            assert_eq!(
-                libc::read(self.done, (&raw mut r).cast(), 1),
-                1,
-                "worker {} died during its workload (exit code 4/5/6 = unexpected open/connect result)",
-                self.pid
-            );
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // SAFETY: our own fds and child. `q` ends the worker wherever it waits.
-        unsafe {
-            let q = b'q';
-            libc::write(self.cmd, (&raw const q).cast(), 1);
-            libc::close(self.cmd);
-            libc::close(self.done);
-            let mut status = 0;
-            libc::waitpid(self.pid, &raw mut status, 0);
-        }
-    }
-}
+use crate::{
+    Agent, Metrics, comm, wait_for,
+    workload::{Worker, Workload},
+};
 
 fn calls(m: &Metrics, comm: &str, syscall: &str) -> f64 {
     m.sum(

@@ -3,72 +3,17 @@
 
 use std::{
     io::Write as _,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     process::Command,
     sync::mpsc,
     thread,
     time::Duration,
 };
 
-use crate::{Agent, Metrics, comm, free_port, wait_for};
-
-/// Listens on `bind` in a thread named `name` and accepts `n` connections.
-/// Returns the listening address and the thread's handle.
-fn spawn_listener(
-    name: &str,
-    bind: SocketAddr,
-    n: usize,
-) -> (SocketAddr, thread::JoinHandle<usize>) {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            // listen() runs here, so the kernel sees this thread's comm at CLOSE -> LISTEN.
-            let l = TcpListener::bind(bind).expect("bind listener");
-            tx.send(l.local_addr().unwrap()).unwrap();
-            let mut accepted = 0;
-            for _ in 0..n {
-                let (_s, _) = l.accept().expect("accept");
-                accepted += 1;
-            }
-            accepted
-        })
-        .unwrap();
-    (rx.recv().unwrap(), h)
-}
-
-/// In a thread named `name`: `ok` connects to `to`, then `refused` connects to `closed`.
-fn spawn_connector(
-    name: &str,
-    to: SocketAddr,
-    ok: usize,
-    closed: Option<SocketAddr>,
-    refused: usize,
-) -> (usize, usize) {
-    thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            let mut established = 0;
-            for _ in 0..ok {
-                let mut s = TcpStream::connect(to).expect("connect to listener");
-                let _ = s.write_all(b"x");
-                established += 1;
-            }
-            let mut failed = 0;
-            if let Some(closed) = closed {
-                for _ in 0..refused {
-                    let e =
-                        TcpStream::connect(closed).expect_err("connect to a closed port must fail");
-                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-                    failed += 1;
-                }
-            }
-            (established, failed)
-        })
-        .unwrap()
-        .join()
-        .unwrap()
-}
+use crate::{
+    Agent, Metrics, comm, free_port, wait_for,
+    workload::{spawn_connector, spawn_listener},
+};
 
 fn lost(m: &Metrics) -> f64 {
     m.sum("tanzhen_events_lost_total", &[("probe", "tcp")])

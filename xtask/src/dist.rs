@@ -26,6 +26,81 @@ pub const ARCHES: &[(&str, &str)] = &[
     ("aarch64", "aarch64-unknown-linux-musl"),
 ];
 
+/// The musl target of `arch` (an ARCHES name), or an error listing the known ones.
+pub fn musl_target(arch: &str) -> anyhow::Result<&'static str> {
+    ARCHES
+        .iter()
+        .find(|(a, _)| *a == arch)
+        .map(|a| a.1)
+        .with_context(|| {
+            format!(
+                "unknown arch `{arch}`; use one of: {}",
+                ARCHES.iter().map(|a| a.0).collect::<Vec<_>>().join(", ")
+            )
+        })
+}
+
+/// The C compiler settings ring (the `tls` feature) builds its C and assembly with, per musl
+/// target: (target, variable, value). x86_64 needs none: cc-rs finds Debian's musl-gcc wrapper
+/// (musl-tools) by itself. aarch64 uses the aarch64 cross gcc (gcc-aarch64-linux-gnu) without
+/// any libc headers: freestanding, with ring's own switch for headerless builds (its asserts
+/// then need no assert.h); rust-lld links against the musl target's own crt objects.
+/// `cargo xtask setup` installs both compilers.
+const MUSL_C_ENV: &[(&str, &str, &str)] = &[
+    (
+        "aarch64-unknown-linux-musl",
+        "CC_aarch64_unknown_linux_musl",
+        "aarch64-linux-gnu-gcc",
+    ),
+    (
+        "aarch64-unknown-linux-musl",
+        "CFLAGS_aarch64_unknown_linux_musl",
+        "-ffreestanding -DRING_CORE_NOSTDLIBINC",
+    ),
+];
+
+/// Builds the static release binary of `arch` (musl `target`, with the default features, so TLS
+/// included) plus `extra_bins` of the tests package (e.g. the VM scenario); returns the
+/// directory holding them. The embedded eBPF object is built for the same architecture:
+/// aya-build passes the target's `CARGO_CFG_TARGET_ARCH` as `bpf_target_arch`, which selects
+/// the `pt_regs` layout kprobes read their arguments from.
+pub fn build_static(
+    root: &Path,
+    arch: &str,
+    target: &str,
+    extra_bins: &[&str],
+) -> anyhow::Result<PathBuf> {
+    step(&format!(
+        "building the static {arch} binary ({target}, release)"
+    ));
+    run(Command::new("rustup").args(["target", "add", target]))?;
+    let mut build = cargo(root);
+    build.args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "agent",
+        "--bin",
+        "tanzhen",
+        "--target",
+        target,
+    ]);
+    if !extra_bins.is_empty() {
+        build.args(["--package", "tests"]);
+        for b in extra_bins {
+            build.args(["--bin", b]);
+        }
+    }
+    for (t, var, value) in MUSL_C_ENV {
+        if *t == target && std::env::var_os(var).is_none() {
+            build.env(var, value);
+        }
+    }
+    run(&mut build)?;
+    Ok(target_dir(root).join(target).join("release"))
+}
+
 /// Package formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -78,29 +153,8 @@ pub fn dist(root: &Path, arches: &[String], formats: &[Format]) -> anyhow::Resul
     let out = target_dir(root).join("dist");
     std::fs::create_dir_all(&out)?;
     for arch in arches {
-        let Some((_, target)) = ARCHES.iter().find(|(a, _)| a == arch) else {
-            bail!(
-                "unknown arch `{arch}`; use one of: {}",
-                ARCHES.iter().map(|a| a.0).collect::<Vec<_>>().join(", ")
-            );
-        };
-        step(&format!(
-            "building the static {arch} binary ({target}, release)"
-        ));
-        run(Command::new("rustup").args(["target", "add", target]))?;
-        let mut build = cargo(root);
-        build.args([
-            "build",
-            "--release",
-            "--locked",
-            "--package",
-            "agent",
-            // No `tls` feature: ring needs a C cross compiler for musl (see agent/Cargo.toml).
-            "--no-default-features",
-            "--target",
-            target,
-        ]);
-        run(&mut build)?;
+        let target = musl_target(arch)?;
+        build_static(root, arch, target, &[])?;
         for format in formats {
             let mut cmd = cargo_with_tools(root);
             match format {

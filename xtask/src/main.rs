@@ -8,6 +8,7 @@ mod dashboards;
 mod dist;
 mod gen_syscalls;
 mod setup;
+mod vmtest;
 
 use std::{
     path::{Path, PathBuf},
@@ -34,11 +35,15 @@ enum Task {
         #[arg(long)]
         build_only: bool,
     },
-    /// Set up, then build the agent (with its embedded eBPF object).
+    /// Set up, then build the agent (with its embedded eBPF object). With --target: a static
+    /// (musl) release binary for that architecture, with an eBPF object built for it.
     Build {
-        /// Build with the release profile.
+        /// Build with the release profile (always, with --target).
         #[arg(long)]
         release: bool,
+        /// Architecture of a static musl build: x86_64 or aarch64.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Set up, build the agent in release mode and run it (as root) with its default probes;
     /// arguments after `--` go to `tanzhen run`.
@@ -71,6 +76,20 @@ enum Task {
     Test {
         /// Only run tests whose name contains this string.
         filter: Option<String>,
+        /// Skip the VM tests (`cargo xtask vm-test`) that otherwise run after the host's.
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Boot Debian's bookworm (6.1) and bullseye (5.10) kernels for x86_64 and aarch64 under
+    /// QEMU with an initramfs holding the static tanzhen; in each: `tanzhen check` and an
+    /// end-to-end scenario (TCP, syscalls, scheduler). Prints PASS/FAIL per kernel.
+    VmTest {
+        /// Kernels to boot (Debian releases).
+        #[arg(long, value_delimiter = ',', value_enum, default_values = ["bookworm", "bullseye"])]
+        kernel: Vec<vmtest::Release>,
+        /// Guest architectures.
+        #[arg(long, value_delimiter = ',', value_enum, default_values = ["x86_64", "aarch64"])]
+        arch: Vec<vmtest::Arch>,
     },
     /// Regenerate agent/src/probe/syscall_names.rs (x86_64 and aarch64 syscall names, errno
     /// names) from Debian's linux-libc-dev at the pinned version (needs apt-get, dpkg-deb, cpp).
@@ -92,10 +111,20 @@ fn main() -> anyhow::Result<()> {
                 setup::all()
             }
         }
-        Task::Build { release } => {
-            setup::all()?;
-            build(&root, release)
-        }
+        Task::Build { release, target } => match target {
+            Some(arch) => {
+                setup::build_tools()?;
+                setup::musl_tools()?;
+                let target = dist::musl_target(&arch)?;
+                let dir = dist::build_static(&root, &arch, target, &[])?;
+                eprintln!("    {}", dir.join("tanzhen").display());
+                Ok(())
+            }
+            None => {
+                setup::all()?;
+                build(&root, release)
+            }
+        },
         Task::Run { args } => {
             setup::all()?;
             build(&root, true)?;
@@ -113,6 +142,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Dist { arch, format } => {
             setup::build_tools()?;
+            setup::musl_tools()?;
             dist::dist(&root, &arch, &format).map(|_| ())
         }
         Task::Bench { quick } => {
@@ -121,9 +151,22 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Dashboards => dashboards::generate(&root),
         Task::GenSyscalls { debs } => gen_syscalls::run(&root, debs),
-        Task::Test { filter } => {
+        Task::Test { filter, no_vm } => {
             setup::all()?;
-            test(&root, filter.as_deref())
+            test(&root, filter.as_deref())?;
+            if no_vm || filter.is_some() {
+                return Ok(());
+            }
+            step("VM tests: Debian kernels under QEMU (skip with --no-vm)");
+            vmtest::vm_test(
+                &root,
+                &[vmtest::Release::Bookworm, vmtest::Release::Bullseye],
+                &[vmtest::Arch::X86_64, vmtest::Arch::Aarch64],
+            )
+        }
+        Task::VmTest { kernel, arch } => {
+            setup::build_tools()?;
+            vmtest::vm_test(&root, &kernel, &arch)
         }
     }
 }

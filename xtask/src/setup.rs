@@ -27,9 +27,22 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tmux", "/usr/bin/tmux"),
 ];
 
+/// Static (musl) builds with the `tls` feature: C compilers for ring (see dist.rs `MUSL_CC`).
+const MUSL_APT_PACKAGES: &[(&str, &str)] = &[
+    ("musl-tools", "/usr/bin/musl-gcc"),
+    ("gcc-aarch64-linux-gnu", "/usr/bin/aarch64-linux-gnu-gcc"),
+];
+/// `cargo xtask vm-test`: the emulators (the initramfs is written by xtask itself, no cpio).
+const VM_APT_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("qemu-system-arm", "/usr/bin/qemu-system-aarch64"),
+];
+
 /// Runs every setup step.
 pub fn all() -> anyhow::Result<()> {
     apt_packages()?;
+    musl_tools()?;
+    vm_tools()?;
     python_packages()?;
     build_tools()
 }
@@ -54,6 +67,16 @@ pub fn is_root() -> bool {
 
 fn apt_packages() -> anyhow::Result<()> {
     apt(APT_PACKAGES)
+}
+
+/// The C compilers of the static musl builds (`cargo xtask build --target`, `dist`, `vm-test`).
+pub fn musl_tools() -> anyhow::Result<()> {
+    apt(MUSL_APT_PACKAGES)
+}
+
+/// QEMU for `cargo xtask vm-test`.
+pub fn vm_tools() -> anyhow::Result<()> {
+    apt(VM_APT_PACKAGES)
 }
 
 /// Installs the Debian packages of `packages` (name, a file proving it is installed) that are
