@@ -610,6 +610,12 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 id="kernel=$(uname -r) arch=$(uname -m)"
 echo "init: $id uptime=$(cut -d' ' -f1 /proc/uptime)s"
+# The tracepoint layouts tanzhen reads, for the format samples in agent/src/probe/testdata.
+for f in sched/sched_switch sched/sched_wakeup sched/sched_wakeup_new sched/sched_process_exec sched/sched_process_exit sock/inet_sock_set_state; do
+  echo "FORMAT-BEGIN $f"
+  cat /sys/kernel/tracing/events/$f/format
+  echo "FORMAT-END $f"
+done
 echo "init: --- tanzhen check ---"
 tanzhen check
 check=$?
