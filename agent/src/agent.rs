@@ -12,6 +12,10 @@ use crate::{
     cli::{RunArgs, VERSION},
     export::otlp::{Otlp, OtlpConfig},
     kernel, loader,
+    metadata::{
+        Metadata,
+        k8s::{self, K8sMode, PodWatch},
+    },
     probe::{
         ProbeError, ProbeKind,
         sched::SchedProbe,
@@ -193,8 +197,10 @@ async fn run_async(
     .map_err(|e| fatal(&e))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (meta, meta_tasks) = metadata(args, &snapshot, &stop_rx).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let ctx = ProbeCtx {
+        meta,
         tracefs: tracefs.path.clone(),
         snapshot: snapshot.clone(),
         loss: loss.clone(),
@@ -308,6 +314,9 @@ async fn run_async(
             Err(e) => log::error!("probe task: {e}"),
         }
     }
+    for t in meta_tasks {
+        t.abort();
+    }
     // Probes have flushed their last events: export them, then stop serving.
     drop(span_sink);
     if let Some(otlp) = otlp {
@@ -322,6 +331,48 @@ async fn run_async(
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Starts the process -> container -> pod metadata: the Kubernetes pod watch when `--k8s`
+/// says so, and the sweep of exited processes. Returns the tasks to stop at shutdown.
+async fn metadata(
+    args: &RunArgs,
+    snapshot: &Snapshot,
+    stop: &watch::Receiver<bool>,
+) -> Result<(Arc<Metadata>, Vec<tokio::task::JoinHandle<()>>), RunError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let mut handles = Vec::new();
+    let pods = if args.k8s.enabled(&env) {
+        match k8s::client().await {
+            Ok(client) => {
+                let node = args.k8s.node(&env);
+                log::info!("k8s: metadata of the pods of node {node} from the API server");
+                let w = PodWatch::new(client, node, snapshot);
+                let index = w.index();
+                handles.push(tokio::spawn(w.run(stop.clone())));
+                Some(index)
+            }
+            Err(e) if args.k8s.k8s == K8sMode::On => {
+                return Err(RunError::Usage(format!("--k8s on: {e}")));
+            }
+            Err(e) => {
+                log::warn!("k8s: metadata off: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let meta = Arc::new(Metadata::new(pods));
+    let m = meta.clone();
+    handles.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::metadata::SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            m.sweep();
+        }
+    }));
+    Ok((meta, handles))
 }
 
 /// SIGHUP: re-reads the configuration file; applies the log level, logs one line per other
@@ -356,6 +407,7 @@ fn reload(running: &mut RunArgs) -> Option<RunArgs> {
 
 /// What attaching a probe needs besides the `Ebpf` object.
 struct ProbeCtx {
+    meta: Arc<Metadata>,
     tracefs: std::path::PathBuf,
     snapshot: Arc<Snapshot>,
     loss: LossCounters,
@@ -402,6 +454,7 @@ impl LiveProbes {
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.sink.clone(),
+                    ctx.meta.clone(),
                 )?;
                 tasks.spawn(p.run(rx))
             }
@@ -412,6 +465,7 @@ impl LiveProbes {
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.interval,
+                    ctx.meta.clone(),
                 )?;
                 tasks.spawn(p.run(rx))
             }
@@ -422,6 +476,7 @@ impl LiveProbes {
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.syscalls.clone(),
+                    ctx.meta.clone(),
                 )?;
                 tasks.spawn(p.run(rx))
             }

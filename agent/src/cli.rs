@@ -102,6 +102,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub http: crate::server::HttpArgs,
+
+    #[command(flatten)]
+    pub k8s: crate::metadata::k8s::K8sArgs,
 }
 
 fn parse_regex(s: &str) -> Result<Regex, String> {

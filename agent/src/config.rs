@@ -27,6 +27,7 @@ const COMMAND_LINE_ONLY: &[&str] = &["config", "dry_run", "help", "version"];
 const OTHER_ENV: &[(&str, &str)] = &[
     ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
     ("otlp_protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    ("node_name", "NODE_NAME"),
 ];
 
 /// Options of `tanzhen run` about the configuration file.
@@ -453,7 +454,7 @@ mod tests {
             e.starts_with("/etc/tanzhen/tanzhen.toml:3:3: unknown key `intervall`; known keys: "),
             "{e}"
         );
-        assert!(e.contains("interval, listen, log_level"), "{e}");
+        assert!(e.contains("interval, k8s, listen, log_level"), "{e}");
         let e = err("dry_run = true");
         assert_eq!(
             e,

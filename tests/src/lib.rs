@@ -21,6 +21,8 @@ mod config;
 #[cfg(test)]
 mod dashboards;
 #[cfg(test)]
+mod k8s;
+#[cfg(test)]
 mod otlp;
 #[cfg(test)]
 mod sched;

@@ -36,6 +36,7 @@ use tokio::{
 
 use crate::{
     kernel::{self, Format},
+    metadata::{Metadata, WorkloadLabels},
     probe::{
         ProbeError, take,
         tcp::{LossCounters, comm_str},
@@ -305,12 +306,12 @@ impl SchedMetrics {
             execs: snapshot.counter(Desc {
                 name: "tanzhen_process_execs",
                 help: "Successful execve calls, by the new comm.",
-                labels: &["comm"],
+                labels: &["comm", "namespace", "pod", "container", "workload"],
             }),
             exits: snapshot.counter(Desc {
                 name: "tanzhen_process_exits",
                 help: "Process exits (thread-group leader), by comm.",
-                labels: &["comm"],
+                labels: &["comm", "namespace", "pod", "container", "workload"],
             }),
         }
     }
@@ -333,12 +334,14 @@ impl SchedMetrics {
         self.runq.add_counts(&[&comm_str(&key.comm)], &h.slots, sum);
     }
 
-    /// Counts one process event.
-    pub fn record(&self, ev: &ProcEvent) {
+    /// Counts one process event of a process whose workload labels are `w`.
+    pub fn record(&self, ev: &ProcEvent, w: &WorkloadLabels) {
         let comm = comm_str(&ev.comm);
+        let [ns, pod, container, workload] = w.values();
+        let labels = [comm.as_str(), ns, pod, container, workload];
         match ev.kind {
-            PROC_EVENT_EXEC => self.execs.inc_by(&[&comm], 1),
-            PROC_EVENT_EXIT => self.exits.inc_by(&[&comm], 1),
+            PROC_EVENT_EXEC => self.execs.inc_by(&labels, 1),
+            PROC_EVENT_EXIT => self.exits.inc_by(&labels, 1),
             _ => {}
         }
     }
@@ -358,6 +361,7 @@ pub struct SchedProbe {
     cache: Arc<ProcessCache>,
     loss: LossCounters,
     interval: Duration,
+    meta: Arc<Metadata>,
 }
 
 impl SchedProbe {
@@ -368,6 +372,7 @@ impl SchedProbe {
         snapshot: &Snapshot,
         loss: LossCounters,
         interval: Duration,
+        meta: Arc<Metadata>,
     ) -> Result<Self, ProbeError> {
         let cfg = config(&SchedFormats::read(tracefs)?)?;
         log::debug!("sched tracepoint layout: {cfg:?}");
@@ -395,6 +400,7 @@ impl SchedProbe {
             cache: Arc::default(),
             loss,
             interval,
+            meta,
         })
     }
 
@@ -413,6 +419,7 @@ impl SchedProbe {
             cache,
             loss,
             interval,
+            meta,
         } = self;
         // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf.
         let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -424,7 +431,7 @@ impl SchedProbe {
             tokio::select! {
                 res = fd.readable_mut() => {
                     let mut guard = res?;
-                    drain_events(guard.get_inner_mut(), &metrics, &cache, &loss);
+                    drain_events(guard.get_inner_mut(), &metrics, &cache, &loss, &meta);
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
@@ -441,7 +448,7 @@ impl SchedProbe {
                 _ = stop.changed() => break,
             }
         }
-        drain_events(fd.get_mut(), &metrics, &cache, &loss);
+        drain_events(fd.get_mut(), &metrics, &cache, &loss, &meta);
         drain_maps(&mut switches, &mut hist, &metrics, None);
         read_lost(&lost, &progs, &loss);
         Ok(())
@@ -453,11 +460,17 @@ fn drain_events(
     metrics: &SchedMetrics,
     cache: &ProcessCache,
     loss: &LossCounters,
+    meta: &Metadata,
 ) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(ev) => {
-                metrics.record(&ev);
+                // At exit /proc/<tgid> may be gone already: the cache (filled at exec or at
+                // the process's first event) answers, then forgets it (the pid can be reused).
+                metrics.record(&ev, &meta.labels(ev.tgid));
+                if ev.kind == PROC_EVENT_EXIT {
+                    meta.forget(ev.tgid);
+                }
                 let gone = cache.apply(&ev);
                 log::trace!(
                     "sched: {} tgid={} comm={} exe={}",
@@ -723,8 +736,10 @@ mod tests {
         assert_eq!(labels, vec!["tzp".to_owned()]);
         assert_eq!((d.count, d.counts[11]), (2, 2));
         assert!((d.sum - 3e-6).abs() < 1e-12);
-        m.record(&event(PROC_EVENT_EXEC, 1, b"tzp", b"/x"));
-        m.record(&event(PROC_EVENT_EXIT, 1, b"tzp", b""));
-        assert_eq!((m.execs.get(&["tzp"]), m.exits.get(&["tzp"])), (1, 1));
+        let w = WorkloadLabels::default();
+        m.record(&event(PROC_EVENT_EXEC, 1, b"tzp", b"/x"), &w);
+        m.record(&event(PROC_EVENT_EXIT, 1, b"tzp", b""), &w);
+        let l = ["tzp", "", "", "", ""];
+        assert_eq!((m.execs.get(&l), m.exits.get(&l)), (1, 1));
     }
 }
