@@ -12,10 +12,7 @@ use crate::{
     cli::{RunArgs, VERSION},
     export::otlp::{Otlp, OtlpConfig},
     kernel, loader,
-    metadata::{
-        Metadata,
-        k8s::{self, K8sMode, PodWatch},
-    },
+    metadata::{Metadata, k8s},
     probe::{
         ProbeError, ProbeKind,
         sched::SchedProbe,
@@ -340,28 +337,14 @@ async fn metadata(
     snapshot: &Snapshot,
     stop: &watch::Receiver<bool>,
 ) -> Result<(Arc<Metadata>, Vec<tokio::task::JoinHandle<()>>), RunError> {
-    let env = |k: &str| std::env::var(k).ok();
     let mut handles = Vec::new();
-    let pods = if args.k8s.enabled(&env) {
-        match k8s::client().await {
-            Ok(client) => {
-                let node = args.k8s.node(&env);
-                log::info!("k8s: metadata of the pods of node {node} from the API server");
-                let w = PodWatch::new(client, node, snapshot);
-                let index = w.index();
-                handles.push(tokio::spawn(w.run(stop.clone())));
-                Some(index)
-            }
-            Err(e) if args.k8s.k8s == K8sMode::On => {
-                return Err(RunError::Usage(format!("--k8s on: {e}")));
-            }
-            Err(e) => {
-                log::warn!("k8s: metadata off: {e}");
-                None
-            }
+    let pods = match k8s::start(&args.k8s, snapshot, stop).await {
+        Ok(Some((index, watch))) => {
+            handles.push(watch);
+            Some(index)
         }
-    } else {
-        None
+        Ok(None) => None,
+        Err(e) => return Err(RunError::Usage(e)),
     };
     let meta = Arc::new(Metadata::new(pods));
     let m = meta.clone();
@@ -613,6 +596,9 @@ fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
     );
     if format!("{:?}", old.otlp) != format!("{:?}", new.otlp) {
         out.push(format!("otlp settings changed ({restart})"));
+    }
+    if format!("{:?}", old.k8s) != format!("{:?}", new.k8s) {
+        out.push(format!("k8s settings changed ({restart})"));
     }
     // Paths only; the token file's content is read at start.
     if format!("{:?}", old.http) != format!("{:?}", new.http) {

@@ -14,24 +14,35 @@
 //! agent: `tanzhen_k8s_metadata_up` drops to 0, one warning is logged per outage, and labels
 //! fall back to the container id until the watch is back.
 
+//!
+//! Built without the `k8s` cargo feature (the static packages for systemd hosts), `--k8s on`
+//! is refused and `auto` stays off.
+
+#[cfg(feature = "k8s")]
+use std::collections::BTreeMap;
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{Arc, PoisonError, RwLock},
 };
 
+#[cfg(feature = "k8s")]
 use futures_util::StreamExt as _;
+#[cfg(feature = "k8s")]
 use k8s_openapi::{
     api::{apps::v1::ReplicaSet, batch::v1::Job, core::v1::Pod},
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
+#[cfg(feature = "k8s")]
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::sync::watch as stop_watch;
+use tokio::{sync::watch as stop_watch, task::JoinHandle};
 
 use super::WorkloadLabels;
-use crate::snapshot::{Desc, GaugeVec, Snapshot};
+use crate::snapshot::Snapshot;
+#[cfg(feature = "k8s")]
+use crate::snapshot::{Desc, GaugeVec};
 
 /// Whether Kubernetes metadata is fetched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -59,6 +70,7 @@ pub struct K8sArgs {
     pub node_name: Option<String>,
 }
 
+#[cfg(feature = "k8s")]
 /// Why Kubernetes metadata cannot start; one line each.
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
@@ -98,8 +110,60 @@ impl K8sArgs {
     }
 }
 
+/// Starts the watch of this node's pods when `args` turn Kubernetes metadata on (`Ok(None)`:
+/// off). The error is a usage error, one line: `--k8s on` without credentials.
+#[cfg(feature = "k8s")]
+pub async fn start(
+    args: &K8sArgs,
+    snapshot: &Snapshot,
+    stop: &stop_watch::Receiver<bool>,
+) -> Result<Option<(Arc<PodIndex>, JoinHandle<()>)>, String> {
+    let env = |k: &str| std::env::var(k).ok();
+    if !args.enabled(&env) {
+        return Ok(None);
+    }
+    match client().await {
+        Ok(client) => {
+            let node = args.node(&env);
+            log::info!("k8s: metadata of the pods of node {node} from the API server");
+            let w = PodWatch::new(client, node, snapshot);
+            let index = w.index();
+            Ok(Some((index, tokio::spawn(w.run(stop.clone())))))
+        }
+        Err(e) if args.k8s == K8sMode::On => Err(format!("--k8s on: {e}")),
+        Err(e) => {
+            log::warn!("k8s: metadata off: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Without the `k8s` feature: `--k8s on` is refused, `auto` logs why it stays off.
+#[cfg(not(feature = "k8s"))]
+pub async fn start(
+    args: &K8sArgs,
+    _snapshot: &Snapshot,
+    _stop: &stop_watch::Receiver<bool>,
+) -> Result<Option<(Arc<PodIndex>, JoinHandle<()>)>, String> {
+    let env = |k: &str| std::env::var(k).ok();
+    match args.k8s {
+        K8sMode::On => Err(
+            "--k8s on: this tanzhen was built without Kubernetes support (cargo feature `k8s`); use the container image or --k8s off"
+                .into(),
+        ),
+        K8sMode::Auto if args.enabled(&env) => {
+            log::warn!(
+                "k8s: this build has no Kubernetes support; the namespace, pod and workload labels stay empty"
+            );
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Builds a client from KUBECONFIG / ~/.kube/config, else the in-cluster service account.
 /// Nothing is sent yet: an unreachable server shows later, in the watch.
+#[cfg(feature = "k8s")]
 pub async fn client() -> Result<Client, K8sError> {
     let config = kube::Config::infer()
         .await
@@ -116,6 +180,7 @@ pub struct Owner {
 
 impl Owner {
     /// The controller among `refs` (the one with `controller: true`, else the first).
+    #[cfg(feature = "k8s")]
     #[must_use]
     pub fn of(refs: Option<&Vec<OwnerReference>>) -> Option<Self> {
         let refs = refs?;
@@ -186,6 +251,7 @@ struct PodEntry {
     containers: Vec<(String, Arc<WorkloadLabels>)>,
 }
 
+#[cfg(feature = "k8s")]
 impl PodEntry {
     /// The entry of `pod` whose workload is `workload`.
     fn new(pod: &Pod, workload: String) -> Self {
@@ -229,6 +295,7 @@ struct Index {
     containers: HashMap<String, Arc<WorkloadLabels>>,
 }
 
+#[cfg(feature = "k8s")]
 impl Index {
     fn insert(&mut self, uid: String, entry: PodEntry) {
         self.remove(&uid);
@@ -268,21 +335,29 @@ impl PodIndex {
         self.0.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    #[cfg(feature = "k8s")]
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
         self.0.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 /// Most ReplicaSet/Job lookups remembered; the cache is emptied past it.
+#[cfg(feature = "k8s")]
 const OWNER_CACHE_MAX: usize = 4096;
 
+/// How long one ReplicaSet/Job lookup may take: the watch waits for it.
+#[cfg(feature = "k8s")]
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Cached lookups of a ReplicaSet's or Job's own controller.
+#[cfg(feature = "k8s")]
 struct Owners {
     client: Client,
     /// (kind, namespace, name) -> controller (`None`: it has none).
     cache: HashMap<(String, String, String), Option<Owner>>,
 }
 
+#[cfg(feature = "k8s")]
 impl Owners {
     /// The controller of `owner` in namespace `ns`; `None` when the lookup failed (not cached:
     /// it is tried again for the next pod).
@@ -291,16 +366,26 @@ impl Owners {
         if let Some(p) = self.cache.get(&key) {
             return Some(p.clone());
         }
-        let refs = match owner.kind.as_str() {
-            "ReplicaSet" => Api::<ReplicaSet>::namespaced(self.client.clone(), ns)
-                .get_opt(&owner.name)
-                .await
-                .map(|o| o.map(|o| o.metadata.owner_references)),
-            "Job" => Api::<Job>::namespaced(self.client.clone(), ns)
-                .get_opt(&owner.name)
-                .await
-                .map(|o| o.map(|o| o.metadata.owner_references)),
-            _ => return Some(None),
+        let lookup = async {
+            match owner.kind.as_str() {
+                "ReplicaSet" => Api::<ReplicaSet>::namespaced(self.client.clone(), ns)
+                    .get_opt(&owner.name)
+                    .await
+                    .map(|o| o.map(|o| o.metadata.owner_references)),
+                "Job" => Api::<Job>::namespaced(self.client.clone(), ns)
+                    .get_opt(&owner.name)
+                    .await
+                    .map(|o| o.map(|o| o.metadata.owner_references)),
+                _ => Ok(Some(None)),
+            }
+        };
+        let Ok(refs) = tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await else {
+            log::debug!(
+                "k8s: looking up {} {ns}/{}: timed out",
+                owner.kind,
+                owner.name
+            );
+            return None;
         };
         match refs {
             Ok(Some(refs)) => {
@@ -344,6 +429,7 @@ impl Owners {
 }
 
 /// The watch of this node's pods.
+#[cfg(feature = "k8s")]
 pub struct PodWatch {
     client: Client,
     node: String,
@@ -351,6 +437,7 @@ pub struct PodWatch {
     up: Arc<GaugeVec>,
 }
 
+#[cfg(feature = "k8s")]
 impl PodWatch {
     /// Registers `tanzhen_k8s_metadata_up` (0 until the first list arrives).
     pub fn new(client: Client, node: String, snapshot: &Snapshot) -> Self {
@@ -531,6 +618,7 @@ mod tests {
         assert_eq!(workload(None, None, None), "", "a bare pod");
     }
 
+    #[cfg(feature = "k8s")]
     #[test]
     fn controller_reference_wins() {
         let refs: Vec<OwnerReference> = serde_json::from_str(
@@ -543,6 +631,7 @@ mod tests {
         assert_eq!(Owner::of(None), None);
     }
 
+    #[cfg(feature = "k8s")]
     #[test]
     fn pod_entry_maps_every_container_id() {
         let pod: Pod = serde_json::from_str(include_str!("testdata/pod.json")).unwrap();

@@ -61,11 +61,33 @@ impl WorkloadLabels {
 /// Labels of processes outside any container.
 static NONE: LazyLock<Arc<WorkloadLabels>> = LazyLock::new(Arc::default);
 
+/// What the cache keeps of one process.
+#[derive(Debug, Default)]
+struct Proc {
+    /// What its cgroup says.
+    cgroup: CgroupInfo,
+    /// Its labels when its pod is unknown (outside Kubernetes, or the API server is away).
+    fallback: Arc<WorkloadLabels>,
+}
+
+impl Proc {
+    fn new(cgroup: CgroupInfo) -> Self {
+        let fallback = match &cgroup.container {
+            Some((_, id)) => Arc::new(WorkloadLabels {
+                container: short_id(id).to_owned(),
+                ..WorkloadLabels::default()
+            }),
+            None => NONE.clone(),
+        };
+        Self { cgroup, fallback }
+    }
+}
+
 /// Maps tgids to their [`WorkloadLabels`]; shared by every probe.
 #[derive(Debug)]
 pub struct Metadata {
     /// tgid -> what its cgroup says, read once.
-    procs: Mutex<HashMap<u32, Arc<CgroupInfo>>>,
+    procs: Mutex<HashMap<u32, Arc<Proc>>>,
     /// This node's pods, when Kubernetes metadata is on.
     pods: Option<Arc<PodIndex>>,
     /// `/proc`, or another procfs mount.
@@ -86,47 +108,40 @@ impl Metadata {
     /// The labels of process `tgid`. Reads `/proc/<tgid>/cgroup` the first time it is seen.
     #[must_use]
     pub fn labels(&self, tgid: u32) -> Arc<WorkloadLabels> {
-        let info = self.cgroup(tgid);
-        self.labels_of(&info)
+        let p = self.proc(tgid);
+        self.labels_of(&p)
     }
 
-    /// The labels of a process whose cgroup says `info`.
-    #[must_use]
-    pub fn labels_of(&self, info: &CgroupInfo) -> Arc<WorkloadLabels> {
-        let id = info.container.as_ref().map(|(_, id)| id.as_str());
-        if let Some(pods) = &self.pods {
-            if let Some(l) = id.and_then(|id| pods.by_container(id)) {
-                return l;
-            }
-            if let Some(l) = info.pod_uid.as_deref().and_then(|uid| pods.by_pod_uid(uid)) {
-                // The pod is known but not (yet) this container: its status lags its start.
-                let short = id.map(short_id).unwrap_or_default();
-                return Arc::new(WorkloadLabels {
-                    container: short.to_owned(),
-                    ..(*l).clone()
-                });
-            }
+    /// The labels of process `p`: its pod's when known, else its fallback.
+    fn labels_of(&self, p: &Proc) -> Arc<WorkloadLabels> {
+        let Some(pods) = &self.pods else {
+            return p.fallback.clone();
+        };
+        let id = p.cgroup.container.as_ref().map(|(_, id)| id.as_str());
+        if let Some(l) = id.and_then(|id| pods.by_container(id)) {
+            return l;
         }
-        match id {
-            Some(id) => Arc::new(WorkloadLabels {
-                container: short_id(id).to_owned(),
-                ..WorkloadLabels::default()
-            }),
-            None => NONE.clone(),
+        if let Some(l) = p.cgroup.pod_uid.as_deref().and_then(|u| pods.by_pod_uid(u)) {
+            // The pod is known but not (yet) this container: its status lags its start.
+            return Arc::new(WorkloadLabels {
+                container: p.fallback.container.clone(),
+                ..(*l).clone()
+            });
         }
+        p.fallback.clone()
     }
 
-    /// The cached cgroup of `tgid`, read from `/proc` on a miss. A process that is gone reads
-    /// as outside any container and is not cached.
-    fn cgroup(&self, tgid: u32) -> Arc<CgroupInfo> {
-        if let Some(info) = lock(&self.procs).get(&tgid) {
-            return info.clone();
+    /// The cached process `tgid`, its cgroup read from `/proc` on a miss. A process that is
+    /// gone reads as outside any container and is not cached.
+    fn proc(&self, tgid: u32) -> Arc<Proc> {
+        if let Some(p) = lock(&self.procs).get(&tgid) {
+            return p.clone();
         }
         let path = self.proc_root.join(format!("{tgid}/cgroup"));
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Arc::default();
         };
-        let info = Arc::new(cgroup::parse_proc_cgroup(&text));
+        let info = Arc::new(Proc::new(cgroup::parse_proc_cgroup(&text)));
         let mut procs = lock(&self.procs);
         if procs.len() >= CACHE_MAX {
             self.sweep_locked(&mut procs);
@@ -149,7 +164,7 @@ impl Metadata {
         self.sweep_locked(&mut lock(&self.procs));
     }
 
-    fn sweep_locked(&self, procs: &mut HashMap<u32, Arc<CgroupInfo>>) {
+    fn sweep_locked(&self, procs: &mut HashMap<u32, Arc<Proc>>) {
         procs.retain(|tgid, _| self.proc_root.join(tgid.to_string()).exists());
     }
 
@@ -178,17 +193,17 @@ mod tests {
     #[test]
     fn outside_kubernetes_a_container_is_named_by_its_short_id() {
         let m = Metadata::new(None);
-        let info = CgroupInfo {
+        let p = Proc::new(CgroupInfo {
             container: Some((Runtime::Docker, ID.to_owned())),
             pod_uid: None,
-        };
+        });
         assert_eq!(
-            m.labels_of(&info).values(),
+            m.labels_of(&p).values(),
             ["", "", "0123456789ab", ""],
             "short id only"
         );
         assert_eq!(
-            m.labels_of(&CgroupInfo::default()).values(),
+            m.labels_of(&Proc::new(CgroupInfo::default())).values(),
             ["", "", "", ""]
         );
     }
