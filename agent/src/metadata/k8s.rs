@@ -523,12 +523,14 @@ impl PodWatch {
                     log::debug!("k8s: {} pods on node {node}", idx.pods.len());
                 }
                 watcher::Event::Apply(pod) => {
+                    log::debug!("k8s: pod {} applied", name_of(&pod));
                     if let Some(uid) = pod.metadata.uid.clone() {
                         let entry = owners.entry(&pod).await;
                         index.write().insert(uid, entry);
                     }
                 }
                 watcher::Event::Delete(pod) => {
+                    log::debug!("k8s: pod {} deleted", name_of(&pod));
                     if let Some(uid) = &pod.metadata.uid {
                         index.write().remove(uid);
                     }
@@ -542,6 +544,17 @@ impl PodWatch {
             }
         }
     }
+}
+
+/// `namespace/name` of a pod, for logs.
+#[cfg(feature = "k8s")]
+fn name_of(pod: &Pod) -> String {
+    let m = &pod.metadata;
+    format!(
+        "{}/{}",
+        m.namespace.as_deref().unwrap_or_default(),
+        m.name.as_deref().unwrap_or_default()
+    )
 }
 
 #[cfg(test)]

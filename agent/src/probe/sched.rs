@@ -467,7 +467,7 @@ fn drain_events(
             Ok(ev) => {
                 // At exit /proc/<tgid> may be gone already: the cache (filled at exec or at
                 // the process's first event) answers, then forgets it (the pid can be reused).
-                metrics.record(&ev, &meta.labels(ev.tgid));
+                metrics.record(&ev, &meta.labels(ev.tgid, ev.cgroup_id));
                 if ev.kind == PROC_EVENT_EXIT {
                     meta.forget(ev.tgid);
                 }

@@ -348,7 +348,7 @@ impl SyscallsProbe {
                 let c = comms.resolve(tgid, kernel_comm);
                 filter
                     .is_none_or(|re| re.is_match(&c))
-                    .then(|| (c, meta.labels(tgid)))
+                    .then(|| (c, meta.labels(tgid, 0)))
             },
         );
         self.comms.retain(&tgids);

@@ -358,7 +358,7 @@ fn drain(
                     comm_str(&ev.comm),
                     peer(&ev)
                 );
-                metrics.record(&ev, &meta.labels(ev.tgid));
+                metrics.record(&ev, &meta.labels(ev.tgid, ev.cgroup_id));
                 if let Some(sink) = sink
                     && ev.kind != TCP_EVENT_ACCEPT
                 {
