@@ -14,6 +14,7 @@ use crate::{
     kernel,
     live::{Fanout, Live},
     loader,
+    metadata::{Metadata, k8s},
     probe::{
         ProbeError, ProbeKind,
         sched::SchedProbe,
@@ -223,8 +224,10 @@ async fn run_async(
     .map_err(|e| fatal(&e))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (meta, meta_tasks) = metadata(args, &snapshot, &stop_rx).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let ctx = ProbeCtx {
+        meta,
         tracefs: tracefs.path.clone(),
         transport,
         tcp_attach,
@@ -351,6 +354,9 @@ async fn run_async(
             Err(e) => log::error!("probe task: {e}"),
         }
     }
+    for t in meta_tasks {
+        t.abort();
+    }
     // Probes have flushed their last events: export them, then stop serving.
     drop(span_sink);
     if let Some(otlp) = otlp {
@@ -365,6 +371,34 @@ async fn run_async(
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Starts the process -> container -> pod metadata: the Kubernetes pod watch when `--k8s`
+/// says so, and the sweep of exited processes. Returns the tasks to stop at shutdown.
+async fn metadata(
+    args: &RunArgs,
+    snapshot: &Snapshot,
+    stop: &watch::Receiver<bool>,
+) -> Result<(Arc<Metadata>, Vec<tokio::task::JoinHandle<()>>), RunError> {
+    let mut handles = Vec::new();
+    let pods = match k8s::start(&args.k8s, snapshot, stop).await {
+        Ok(Some((index, watch))) => {
+            handles.push(watch);
+            Some(index)
+        }
+        Ok(None) => None,
+        Err(e) => return Err(RunError::Usage(e)),
+    };
+    let meta = Arc::new(Metadata::new(pods));
+    let m = meta.clone();
+    handles.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::metadata::SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            m.sweep();
+        }
+    }));
+    Ok((meta, handles))
 }
 
 /// SIGHUP: re-reads the configuration file; applies the log level, logs one line per other
@@ -399,6 +433,7 @@ fn reload(running: &mut RunArgs) -> Option<RunArgs> {
 
 /// What attaching a probe needs besides the `Ebpf` object.
 struct ProbeCtx {
+    meta: Arc<Metadata>,
     tracefs: std::path::PathBuf,
     transport: crate::transport::Transport,
     tcp_attach: crate::compat::TcpAttach,
@@ -454,6 +489,7 @@ impl LiveProbes {
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.sink.clone(),
+                    ctx.meta.clone(),
                 )?;
                 tasks.spawn(p.run(rx))
             }
@@ -466,6 +502,7 @@ impl LiveProbes {
                     ctx.loss.clone(),
                     ctx.interval,
                     Some(ctx.live.clone()),
+                    ctx.meta.clone(),
                 )?;
                 tasks.spawn(p.run(rx))
             }
@@ -476,6 +513,7 @@ impl LiveProbes {
                     &ctx.snapshot,
                     ctx.loss.clone(),
                     ctx.syscalls.clone(),
+                    ctx.meta.clone(),
                 )?;
                 tasks.spawn(p.run(rx))
             }
@@ -628,6 +666,9 @@ fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
     }
     if format!("{:?}", old.compat) != format!("{:?}", new.compat) {
         out.push(format!("transport/btf settings changed ({restart})"));
+    }
+    if format!("{:?}", old.k8s) != format!("{:?}", new.k8s) {
+        out.push(format!("k8s settings changed ({restart})"));
     }
     // Paths only; the token file's content is read at start.
     if format!("{:?}", old.http) != format!("{:?}", new.http) {

@@ -146,6 +146,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub http: crate::server::HttpArgs,
+
+    #[command(flatten)]
+    pub k8s: crate::metadata::k8s::K8sArgs,
 }
 
 fn parse_buffer_size(s: &str) -> Result<usize, String> {

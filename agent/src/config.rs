@@ -40,6 +40,7 @@ const OTHER_ENV: &[(&str, &str)] = &[
         "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
     ),
     ("otlp_client_key", "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+    ("node_name", "NODE_NAME"),
 ];
 
 /// Options of `tanzhen run` about the configuration file.
@@ -466,7 +467,7 @@ mod tests {
             e.starts_with("/etc/tanzhen/tanzhen.toml:3:3: unknown key `intervall`; known keys: "),
             "{e}"
         );
-        assert!(e.contains("interval, listen, log_level"), "{e}");
+        assert!(e.contains("interval, k8s, listen, log_level"), "{e}");
         let e = err("dry_run = true");
         assert_eq!(
             e,

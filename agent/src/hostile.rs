@@ -201,7 +201,7 @@ proptest! {
             Ok(ev) => {
                 let _ = tcp::peer(&ev);
                 let _ = tcp::comm_str(&ev.comm);
-                metrics.record(&ev);
+                metrics.record(&ev, &crate::metadata::WorkloadLabels::default());
             }
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }

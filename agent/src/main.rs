@@ -36,6 +36,12 @@ fn main() -> ExitCode {
                 .filter_level(log::LevelFilter::Trace)
                 // aya's loader logs every relocation at debug; keep it for --log-level trace.
                 .filter_module("aya", args.log_level.aya_filter())
+                // The Kubernetes client's HTTP and TLS layers log every request at debug.
+                .filter_module("kube_client", args.log_level.aya_filter())
+                .filter_module("kube_runtime", args.log_level.aya_filter())
+                .filter_module("hyper_util", args.log_level.aya_filter())
+                .filter_module("rustls", args.log_level.aya_filter())
+                .filter_module("tower_http", args.log_level.aya_filter())
                 .format_timestamp_millis()
                 .format_target(false)
                 .init();

@@ -24,6 +24,7 @@ mod config;
 mod dashboards;
 #[cfg(test)]
 mod live;
+mod k8s;
 #[cfg(test)]
 mod otlp;
 #[cfg(test)]

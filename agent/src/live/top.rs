@@ -362,7 +362,7 @@ mod tests {
             Desc {
                 name: RUNQ,
                 help: "",
-                labels: &["comm", "container_id"],
+                labels: &["comm", "namespace", "pod", "container", "workload"],
             },
             &LOG2_NS_BOUNDS,
         );
@@ -375,8 +375,8 @@ mod tests {
         calls.inc_by(&["b", "getpid"], 60);
         conns.inc_by(&["a", "established"], 2);
         conns.inc_by(&["b", "failed"], 6);
-        runq.add_counts(&["c", ""], &[0, 2], 0.001);
-        runq.add_counts(&["c", "f00d"], &[0, 2], 0.001);
+        runq.add_counts(&["c", "", "", "", ""], &[0, 2], 0.001);
+        runq.add_counts(&["c", "", "", "f00d", ""], &[0, 2], 0.001);
         let w = Totals::read(&s).window(&t0, 2.0);
         let sys = &w.rows[&By::Syscalls];
         assert_eq!(

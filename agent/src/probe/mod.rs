@@ -126,7 +126,7 @@ pub const PROBES: &[ProbeInfo] = &[
         name: "sched",
         summary: "run-queue latency, context switches and process lifecycle",
         metrics: &[
-            "tanzhen_sched_runqueue_latency_seconds{comm}",
+            "tanzhen_sched_runqueue_latency_seconds{comm,namespace,pod,container,workload}",
             "tanzhen_sched_context_switches_total{comm,kind}",
             "tanzhen_process_execs_total{comm}",
             "tanzhen_process_exits_total{comm}",

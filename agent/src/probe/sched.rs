@@ -3,14 +3,15 @@
 //! shutdown), and turns process exec/exit events (ring buffer or perf buffers) into counters and a
 //! tgid -> (comm, exe) cache.
 //!
-//! Metrics: `tanzhen_sched_runqueue_latency_seconds{comm,container_id}` (log2 buckets, exact sum),
+//! Metrics: `tanzhen_sched_runqueue_latency_seconds{comm,namespace,pod,container,workload}` (log2
+//! buckets, exact sum),
 //! `tanzhen_sched_context_switches_total{comm,kind}`, `tanzhen_process_execs_total{comm}`,
 //! `tanzhen_process_exits_total{comm}`; drops feed `tanzhen_events_lost_total{probe="sched",..}`.
 //!
 //! The run-queue histogram is keyed by the switched-in task's comm and cgroup id; the cgroup is
 //! the one the task had at its last switch-out (at `sched_switch` the current task is still
 //! `prev`, so the kernel cannot name `next`'s cgroup without BTF). Userspace turns cgroup ids
-//! into container ids ([`CgroupIds`]); on cgroup v1 hosts `container_id` stays empty.
+//! into workload labels ([`Metadata::cgroup_labels`]); on cgroup v1 hosts they stay empty.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -35,7 +36,7 @@ use tokio::sync::watch;
 
 use crate::{
     kernel::{self, Format},
-    metadata::cgroup_ids::CgroupIds,
+    metadata::{Metadata, WorkloadLabels},
     probe::{
         ProbeError, take,
         tcp::{LossCounters, comm_str},
@@ -301,7 +302,7 @@ impl SchedMetrics {
                 Desc {
                     name: "tanzhen_sched_runqueue_latency_seconds",
                     help: "Time runnable tasks waited in a run queue (wakeup or preemption to running), by the comm and container of the task.",
-                    labels: &["comm", "container_id"],
+                    labels: &["comm", "namespace", "pod", "container", "workload"],
                 },
                 &LOG2_NS_BOUNDS,
             ),
@@ -313,12 +314,12 @@ impl SchedMetrics {
             execs: snapshot.counter(Desc {
                 name: "tanzhen_process_execs",
                 help: "Successful execve calls, by the new comm.",
-                labels: &["comm"],
+                labels: &["comm", "namespace", "pod", "container", "workload"],
             }),
             exits: snapshot.counter(Desc {
                 name: "tanzhen_process_exits",
                 help: "Process exits (thread-group leader), by comm.",
-                labels: &["comm"],
+                labels: &["comm", "namespace", "pod", "container", "workload"],
             }),
         }
     }
@@ -334,20 +335,24 @@ impl SchedMetrics {
         }
     }
 
-    /// Adds one drained histogram entry of a task in container `container_id` ("" for none).
-    pub fn add_runq(&self, key: &RunqKey, container_id: &str, h: &RunqHist) {
+    /// Adds one drained histogram entry of a task with workload labels `w`.
+    pub fn add_runq(&self, key: &RunqKey, w: &WorkloadLabels, h: &RunqHist) {
         #[expect(clippy::cast_precision_loss, reason = "ns sums fit f64 closely enough")]
         let sum = h.sum_ns as f64 / 1e9;
+        let comm = comm_str(&key.comm);
+        let [ns, pod, container, workload] = w.values();
         self.runq
-            .add_counts(&[&comm_str(&key.comm), container_id], &h.slots, sum);
+            .add_counts(&[&comm, ns, pod, container, workload], &h.slots, sum);
     }
 
-    /// Counts one process event.
-    pub fn record(&self, ev: &ProcEvent) {
+    /// Counts one process event of a process whose workload labels are `w`.
+    pub fn record(&self, ev: &ProcEvent, w: &WorkloadLabels) {
         let comm = comm_str(&ev.comm);
+        let [ns, pod, container, workload] = w.values();
+        let labels = [comm.as_str(), ns, pod, container, workload];
         match ev.kind {
-            PROC_EVENT_EXEC => self.execs.inc_by(&[&comm], 1),
-            PROC_EVENT_EXIT => self.exits.inc_by(&[&comm], 1),
+            PROC_EVENT_EXEC => self.execs.inc_by(&labels, 1),
+            PROC_EVENT_EXIT => self.exits.inc_by(&labels, 1),
             _ => {}
         }
     }
@@ -369,6 +374,7 @@ pub struct SchedProbe {
     loss: LossCounters,
     interval: Duration,
     sink: Option<Arc<dyn ProcSink>>,
+    meta: Arc<Metadata>,
 }
 
 impl SchedProbe {
@@ -381,6 +387,7 @@ impl SchedProbe {
         loss: LossCounters,
         interval: Duration,
         sink: Option<Arc<dyn ProcSink>>,
+        meta: Arc<Metadata>,
     ) -> Result<Self, ProbeError> {
         let cfg = config(&SchedFormats::read(tracefs)?)?;
         log::debug!("sched tracepoint layout: {cfg:?}");
@@ -412,6 +419,7 @@ impl SchedProbe {
             loss,
             interval,
             sink,
+            meta,
         })
     }
 
@@ -432,6 +440,7 @@ impl SchedProbe {
             loss,
             interval,
             sink,
+            meta,
         } = self;
         let sink = sink.as_deref();
         let perf_lost = events.lost();
@@ -441,11 +450,10 @@ impl SchedProbe {
             loss.read_perf(PROBE, transport, &perf_lost);
         };
         export_lost();
-        let mut on_record = |bytes: &[u8]| handle(bytes, &metrics, &cache, &loss, sink);
+        let mut on_record = |bytes: &[u8]| handle(bytes, &metrics, &cache, &loss, sink, &meta);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
-        let mut cgroups = CgroupIds::new();
         loop {
             tokio::select! {
                 res = events.read(&mut on_record) => res?,
@@ -457,14 +465,14 @@ impl SchedProbe {
                         log::error!("sched: writing {SCHED_CONFIG}: {e}");
                     }
                     tokio::time::sleep(EPOCH_GRACE).await;
-                    drain_maps(&mut switches, &mut hist, (&metrics, &mut cgroups), Some(cfg.epoch));
+                    drain_maps(&mut switches, &mut hist, (&metrics, &meta), Some(cfg.epoch));
                     export_lost();
                 }
                 _ = stop.changed() => break,
             }
         }
         events.drain(&mut on_record);
-        drain_maps(&mut switches, &mut hist, (&metrics, &mut cgroups), None);
+        drain_maps(&mut switches, &mut hist, (&metrics, &meta), None);
         export_lost();
         Ok(())
     }
@@ -477,11 +485,17 @@ fn handle(
     cache: &ProcessCache,
     loss: &LossCounters,
     sink: Option<&dyn ProcSink>,
+    meta: &Metadata,
 ) {
     {
         match decode(bytes) {
             Ok(ev) => {
-                metrics.record(&ev);
+                // At exit /proc/<tgid> may be gone already: the cache (filled at exec or at
+                // the process's first event) answers, then forgets it (the pid can be reused).
+                metrics.record(&ev, &meta.labels(ev.tgid, ev.cgroup_id));
+                if ev.kind == PROC_EVENT_EXIT {
+                    meta.forget(ev.tgid);
+                }
                 if let Some(sink) = sink {
                     sink.process(&ev);
                 }
@@ -511,7 +525,7 @@ fn handle(
 fn drain_maps(
     switches: &mut PerCpuHashMap<MapData, SwitchKey, SwitchCounts>,
     hist: &mut HashMap<MapData, RunqKey, RunqHist>,
-    (metrics, cgroups): (&SchedMetrics, &mut CgroupIds),
+    (metrics, meta): (&SchedMetrics, &Metadata),
     keep: Option<u32>,
 ) {
     let old = |epoch: u32| keep != Some(epoch);
@@ -550,7 +564,7 @@ fn drain_maps(
         .collect();
     for k in keys {
         match hist.get(&k, 0) {
-            Ok(h) => metrics.add_runq(&k, cgroups.container_id(k.cgroup_id), &h),
+            Ok(h) => metrics.add_runq(&k, &meta.cgroup_labels(k.cgroup_id), &h),
             Err(e) => log::debug!("sched: reading {SCHED_RUNQ_HIST}: {e}"),
         }
         if let Err(e) = hist.remove(&k) {
@@ -756,13 +770,19 @@ mod tests {
             comm,
             ..RunqKey::default()
         };
-        m.add_runq(&key, "c0ffee", &h);
+        let w = WorkloadLabels {
+            container: "c0ffee".into(),
+            ..WorkloadLabels::default()
+        };
+        m.add_runq(&key, &w, &h);
         let (labels, d) = m.runq.snapshot().pop().unwrap();
-        assert_eq!(labels, vec!["tzp".to_owned(), "c0ffee".to_owned()]);
+        assert_eq!(labels, ["tzp", "", "", "c0ffee", ""]);
         assert_eq!((d.count, d.counts[11]), (2, 2));
         assert!((d.sum - 3e-6).abs() < 1e-12);
-        m.record(&event(PROC_EVENT_EXEC, 1, b"tzp", b"/x"));
-        m.record(&event(PROC_EVENT_EXIT, 1, b"tzp", b""));
-        assert_eq!((m.execs.get(&["tzp"]), m.exits.get(&["tzp"])), (1, 1));
+        let w = WorkloadLabels::default();
+        m.record(&event(PROC_EVENT_EXEC, 1, b"tzp", b"/x"), &w);
+        m.record(&event(PROC_EVENT_EXIT, 1, b"tzp", b""), &w);
+        let l = ["tzp", "", "", "", ""];
+        assert_eq!((m.execs.get(&l), m.exits.get(&l)), (1, 1));
     }
 }

@@ -35,6 +35,7 @@ use tokio::sync::watch;
 use super::syscall_names;
 use crate::{
     kernel,
+    metadata::{Metadata, WorkloadLabels},
     probe::{ProbeError, take, tcp::LossCounters},
     snapshot::{CounterVec, Desc, HistogramVec, LOG2_NS_BOUNDS, Snapshot},
 };
@@ -133,12 +134,12 @@ impl SyscallsMetrics {
             calls: snapshot.counter(Desc {
                 name: "tanzhen_syscalls",
                 help: "System calls entered, by process name and syscall.",
-                labels: &["comm", "syscall"],
+                labels: &["comm", "namespace", "pod", "container", "workload", "syscall"],
             }),
             errors: snapshot.counter(Desc {
                 name: "tanzhen_syscall_errors",
                 help: "System calls that returned an error (-4095..-1), by process name and syscall.",
-                labels: &["comm", "syscall"],
+                labels: &["comm", "namespace", "pod", "container", "workload", "syscall"],
             }),
             duration: snapshot.histogram(
                 Desc {
@@ -151,7 +152,7 @@ impl SyscallsMetrics {
             opens: snapshot.counter(Desc {
                 name: "tanzhen_file_opens",
                 help: "open/openat/openat2 calls by process name and result (ok or the errno name).",
-                labels: &["comm", "result"],
+                labels: &["comm", "namespace", "pod", "container", "workload", "result"],
             }),
         }
     }
@@ -166,36 +167,40 @@ pub struct Totals {
 }
 
 /// Folds drained (tgid, nr, errno) totals into the metrics. `comm_of` names a process from its
-/// tgid and the kernel-recorded thread name (`None` when the comm filter drops it). Returns the
-/// syscall numbers seen.
+/// tgid and the kernel-recorded thread name and gives its workload labels (`None` when the
+/// comm filter drops it). Returns the syscall numbers seen.
 pub fn record_counts(
     metrics: &SyscallsMetrics,
     table: Table,
     open: [u32; 3],
     drained: &BTreeMap<SyscallKey, Totals>,
-    mut comm_of: impl FnMut(u32, &[u8]) -> Option<String>,
+    mut comm_of: impl FnMut(u32, &[u8]) -> Option<(String, Arc<WorkloadLabels>)>,
 ) -> BTreeSet<u32> {
     let mut nrs = BTreeSet::new();
-    let mut comms: HashMap<u32, Option<String>> = HashMap::new();
+    let mut comms: HashMap<u32, Option<(String, Arc<WorkloadLabels>)>> = HashMap::new();
     for (key, t) in drained {
         nrs.insert(key.nr);
-        let comm = comms
+        let who = comms
             .entry(key.tgid)
             .or_insert_with(|| comm_of(key.tgid, &t.comm));
-        let Some(comm) = comm.as_deref() else {
+        let Some((comm, w)) = who.as_ref() else {
             continue;
         };
+        let [ns, pod, container, workload] = w.values();
         let name = syscall_name(table, key.nr);
+        let labels = [comm.as_str(), ns, pod, container, workload, &name];
         if t.calls > 0 {
-            metrics.calls.inc_by(&[comm, &name], t.calls);
+            metrics.calls.inc_by(&labels, t.calls);
         }
         if t.errors > 0 {
-            metrics.errors.inc_by(&[comm, &name], t.errors);
+            metrics.errors.inc_by(&labels, t.errors);
         }
         if open.contains(&key.nr) && t.calls > 0 {
-            metrics
-                .opens
-                .inc_by(&[comm, &open_result(key.errno)], t.calls);
+            let result = open_result(key.errno);
+            metrics.opens.inc_by(
+                &[comm.as_str(), ns, pod, container, workload, &result],
+                t.calls,
+            );
         }
     }
     nrs
@@ -251,6 +256,7 @@ pub struct SyscallsProbe {
     hist_seen: HashMap<u32, SyscallHistRow>,
     /// Syscall numbers of the previous drain (their rows are read again once).
     last_nrs: BTreeSet<u32>,
+    meta: Arc<Metadata>,
 }
 
 impl SyscallsProbe {
@@ -261,6 +267,7 @@ impl SyscallsProbe {
         snapshot: &Snapshot,
         loss: LossCounters,
         opts: SyscallsOptions,
+        meta: Arc<Metadata>,
     ) -> Result<Self, ProbeError> {
         // The raw tracepoints exist where the classic ones do: this names a missing one clearly.
         kernel::tracepoint_format(tracefs, "raw_syscalls", "sys_enter")?;
@@ -298,6 +305,7 @@ impl SyscallsProbe {
             comms: CommCache::default(),
             hist_seen: HashMap::new(),
             last_nrs: BTreeSet::new(),
+            meta,
         })
     }
 
@@ -330,7 +338,7 @@ impl SyscallsProbe {
             take_all(&mut self.counts[idle ^ 1], &mut drained)?;
         }
         let tgids: BTreeSet<u32> = drained.keys().map(|k| k.tgid).collect();
-        let (comms, filter) = (&mut self.comms, self.opts.comm_filter.as_ref());
+        let (comms, filter, meta) = (&mut self.comms, self.opts.comm_filter.as_ref(), &self.meta);
         let nrs = record_counts(
             &self.metrics,
             self.table,
@@ -338,7 +346,9 @@ impl SyscallsProbe {
             &drained,
             |tgid, kernel_comm| {
                 let c = comms.resolve(tgid, kernel_comm);
-                filter.is_none_or(|re| re.is_match(&c)).then_some(c)
+                filter
+                    .is_none_or(|re| re.is_match(&c))
+                    .then(|| (c, meta.labels(tgid, 0)))
             },
         );
         self.comms.retain(&tgids);
@@ -523,21 +533,22 @@ mod tests {
         d.insert(k(1, 257, 2), tot(7, 7));
         d.insert(k(1, 999, 0), tot(0, 3));
         d.insert(k(3, 110, 0), tot(100, 0));
+        let w = Arc::new(WorkloadLabels {
+            namespace: "ns".into(),
+            ..WorkloadLabels::default()
+        });
         let nrs = record_counts(&m, t, open_nrs(t), &d, |tgid, _| match tgid {
-            1 | 2 => Some("app".into()),
+            1 | 2 => Some(("app".into(), w.clone())),
             _ => None,
         });
+        let l = |v: &'static str| ["app", "ns", "", "", "", v];
         assert_eq!(nrs, BTreeSet::from([110, 257, 999]));
-        assert_eq!(
-            m.calls.get(&["app", "getppid"]),
-            14,
-            "two processes, one comm"
-        );
-        assert_eq!(m.calls.get(&["app", "openat"]), 12);
-        assert_eq!(m.errors.get(&["app", "openat"]), 7);
-        assert_eq!(m.errors.get(&["app", "sys_999"]), 3);
-        assert_eq!(m.opens.get(&["app", "ok"]), 5);
-        assert_eq!(m.opens.get(&["app", "ENOENT"]), 7);
+        assert_eq!(m.calls.get(&l("getppid")), 14, "two processes, one comm");
+        assert_eq!(m.calls.get(&l("openat")), 12);
+        assert_eq!(m.errors.get(&l("openat")), 7);
+        assert_eq!(m.errors.get(&l("sys_999")), 3);
+        assert_eq!(m.opens.get(&l("ok")), 5);
+        assert_eq!(m.opens.get(&l("ENOENT")), 7);
         assert_eq!(m.calls.snapshot().len(), 2, "tgid 3 filtered out");
     }
 

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use crate::{
     compat::TcpAttach,
     kernel::{self, Format},
+    metadata::{Metadata, WorkloadLabels},
     probe::{ProbeError, listeners, take},
     snapshot::{CounterVec, Desc, HistogramVec, Snapshot},
     transport::{EventReader, Transport},
@@ -222,35 +223,45 @@ impl TcpMetrics {
             connects: snapshot.counter(Desc {
                 name: "tanzhen_tcp_connects",
                 help: "TCP connect attempts by outcome (established or failed).",
-                labels: &["comm", "outcome"],
+                labels: &[
+                    "comm",
+                    "namespace",
+                    "pod",
+                    "container",
+                    "workload",
+                    "outcome",
+                ],
             }),
             duration: snapshot.histogram(
                 Desc {
                     name: "tanzhen_tcp_connect_duration_seconds",
                     help: "Time from SYN_SENT to ESTABLISHED of successful TCP connects.",
-                    labels: &["comm"],
+                    labels: &["comm", "namespace", "pod", "container", "workload"],
                 },
                 CONNECT_DURATION_BOUNDS,
             ),
             accepts: snapshot.counter(Desc {
                 name: "tanzhen_tcp_accepts",
                 help: "TCP connections accepted (SYN_RECV to ESTABLISHED), by listening process.",
-                labels: &["comm"],
+                labels: &["comm", "namespace", "pod", "container", "workload"],
             }),
         }
     }
 
-    /// Counts one decoded event.
-    pub fn record(&self, ev: &TcpEvent) {
+    /// Counts one decoded event of a process whose workload labels are `w`.
+    pub fn record(&self, ev: &TcpEvent, w: &WorkloadLabels) {
         let comm = comm_str(&ev.comm);
+        let [ns, pod, container, workload] = w.values();
+        let labels = [comm.as_str(), ns, pod, container, workload];
+        let with = |outcome| [comm.as_str(), ns, pod, container, workload, outcome];
         match ev.kind {
             TCP_EVENT_CONNECT_ESTABLISHED => {
-                self.connects.inc_by(&[&comm, "established"], 1);
+                self.connects.inc_by(&with("established"), 1);
                 #[expect(clippy::cast_precision_loss, reason = "ns fit f64 well below 2^53")]
-                self.duration.observe(&[&comm], ev.latency_ns as f64 / 1e9);
+                self.duration.observe(&labels, ev.latency_ns as f64 / 1e9);
             }
-            TCP_EVENT_CONNECT_FAILED => self.connects.inc_by(&[&comm, "failed"], 1),
-            TCP_EVENT_ACCEPT => self.accepts.inc_by(&[&comm], 1),
+            TCP_EVENT_CONNECT_FAILED => self.connects.inc_by(&with("failed"), 1),
+            TCP_EVENT_ACCEPT => self.accepts.inc_by(&labels, 1),
             _ => {}
         }
     }
@@ -316,6 +327,7 @@ pub struct TcpProbe {
     metrics: TcpMetrics,
     loss: LossCounters,
     sink: Option<Arc<dyn ConnectSink>>,
+    meta: Arc<Metadata>,
 }
 
 impl TcpProbe {
@@ -331,6 +343,7 @@ impl TcpProbe {
         snapshot: &Snapshot,
         loss: LossCounters,
         sink: Option<Arc<dyn ConnectSink>>,
+        meta: Arc<Metadata>,
     ) -> Result<Self, ProbeError> {
         // Readers first: a perf event array has no buffer for a CPU until it is opened, and
         // events sent before would fail (counted as perf_output_error).
@@ -347,6 +360,7 @@ impl TcpProbe {
             metrics: TcpMetrics::register(snapshot),
             loss,
             sink,
+            meta,
         })
     }
 
@@ -359,6 +373,7 @@ impl TcpProbe {
             metrics,
             loss,
             sink,
+            meta,
         } = self;
         let sink = sink.as_deref();
         let perf_lost = events.lost();
@@ -368,7 +383,7 @@ impl TcpProbe {
             loss.read_perf(PROBE, transport, &perf_lost);
         };
         read_lost();
-        let mut on_record = |bytes: &[u8]| handle(bytes, &metrics, &loss, sink);
+        let mut on_record = |bytes: &[u8]| handle(bytes, &metrics, &loss, sink, &meta);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -488,7 +503,13 @@ fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 }
 
 /// Decodes and records one event record.
-fn handle(bytes: &[u8], metrics: &TcpMetrics, loss: &LossCounters, sink: Option<&dyn ConnectSink>) {
+fn handle(
+    bytes: &[u8],
+    metrics: &TcpMetrics,
+    loss: &LossCounters,
+    sink: Option<&dyn ConnectSink>,
+    meta: &Metadata,
+) {
     {
         match decode(bytes) {
             Ok(ev) => {
@@ -498,7 +519,7 @@ fn handle(bytes: &[u8], metrics: &TcpMetrics, loss: &LossCounters, sink: Option<
                     comm_str(&ev.comm),
                     peer(&ev)
                 );
-                metrics.record(&ev);
+                metrics.record(&ev, &meta.labels(ev.tgid, ev.cgroup_id));
                 if let Some(sink) = sink
                     && ev.kind != TCP_EVENT_ACCEPT
                 {
@@ -598,12 +619,19 @@ mod tests {
     fn records_outcomes_and_latency() {
         let s = Snapshot::default();
         let m = TcpMetrics::register(&s);
-        m.record(&event(TCP_EVENT_CONNECT_ESTABLISHED));
-        m.record(&event(TCP_EVENT_CONNECT_FAILED));
-        m.record(&event(TCP_EVENT_ACCEPT));
-        assert_eq!(m.connects.get(&["tzconn", "established"]), 1);
-        assert_eq!(m.connects.get(&["tzconn", "failed"]), 1);
-        assert_eq!(m.accepts.get(&["tzconn"]), 1);
+        let w = WorkloadLabels {
+            namespace: "shop".into(),
+            pod: "web-1".into(),
+            container: "app".into(),
+            workload: "deployment/web".into(),
+        };
+        m.record(&event(TCP_EVENT_CONNECT_ESTABLISHED), &w);
+        m.record(&event(TCP_EVENT_CONNECT_FAILED), &w);
+        m.record(&event(TCP_EVENT_ACCEPT), &WorkloadLabels::default());
+        let l = ["tzconn", "shop", "web-1", "app", "deployment/web"];
+        assert_eq!(m.connects.get(&[&l[..], &["established"]].concat()), 1);
+        assert_eq!(m.connects.get(&[&l[..], &["failed"]].concat()), 1);
+        assert_eq!(m.accepts.get(&["tzconn", "", "", "", ""]), 1);
         let (_, h) = m.duration.snapshot().pop().unwrap();
         assert_eq!(h.count, 1);
         // 120 µs falls in the (100 µs, 250 µs] bucket.

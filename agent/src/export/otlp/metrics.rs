@@ -137,6 +137,10 @@ fn otel_attr_any(label: &str) -> &str {
         "comm" => "process.executable.name",
         "pid" | "tgid" => "process.pid",
         "cgroup_id" => "tanzhen.cgroup.id",
+        "namespace" => "k8s.namespace.name",
+        "pod" => "k8s.pod.name",
+        "container" => "k8s.container.name",
+        "workload" => "tanzhen.k8s.workload",
         other => other,
     }
 }
