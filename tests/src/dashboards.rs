@@ -291,13 +291,22 @@ impl Drop for Workload {
     }
 }
 
-/// Grafana's variables as the test sets them.
+/// Grafana's variables as the test sets them: the instance and the workload's comm; the
+/// Kubernetes drill-down variables (namespace, workload, pod) at "All" (`.*`: outside
+/// Kubernetes those labels are empty).
 fn substitute(expr: &str, instance: &str, comm: &str) -> String {
-    expr.replace("$__rate_interval", RATE_INTERVAL)
+    let mut e = expr
+        .replace("$__rate_interval", RATE_INTERVAL)
         .replace("${instance}", instance)
         .replace("$instance", instance)
         .replace("${comm}", comm)
-        .replace("$comm", comm)
+        .replace("$comm", comm);
+    for v in ["namespace", "workload", "pod"] {
+        e = e
+            .replace(&format!("${{{v}}}"), ".*")
+            .replace(&format!("${v}"), ".*");
+    }
+    e
 }
 
 /// `label_values(SELECTOR, LABEL)` as a query returning one series per value.
