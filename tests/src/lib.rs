@@ -23,8 +23,9 @@ mod config;
 #[cfg(test)]
 mod dashboards;
 #[cfg(test)]
-mod live;
 mod k8s;
+#[cfg(test)]
+mod live;
 #[cfg(test)]
 mod otlp;
 #[cfg(test)]

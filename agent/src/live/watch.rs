@@ -229,6 +229,8 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
         args.interval,
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Container labels from /proc (no Kubernetes API in a one-off session).
+    let meta = Arc::new(crate::metadata::Metadata::new(None));
     let tp = &tracefs.path;
     let task = match args.what {
         What::Tcp => {
@@ -241,6 +243,7 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
                 &snapshot,
                 loss,
                 Some(live.clone()),
+                meta.clone(),
             )
             .map_err(|e| fail(&e))?;
             tokio::spawn(p.run(stop_rx.clone()))
@@ -254,6 +257,7 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
                 loss,
                 args.interval,
                 Some(live.clone()),
+                meta.clone(),
             )
             .map_err(|e| fail(&e))?;
             tokio::spawn(p.run(stop_rx.clone()))
@@ -263,7 +267,7 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
                 interval: args.interval,
                 comm_filter: None,
             };
-            let p = SyscallsProbe::attach(&mut ebpf, tp, &snapshot, loss, opts)
+            let p = SyscallsProbe::attach(&mut ebpf, tp, &snapshot, loss, opts, meta.clone())
                 .map_err(|e| fail(&e))?;
             let (top, snap, stop) = (live.clone(), snapshot.clone(), stop_rx.clone());
             tokio::spawn(async move { top.top.run(snap, stop).await });

@@ -30,6 +30,13 @@ use self::{cgroup::CgroupInfo, k8s::PodIndex};
 
 /// Names of the workload labels, in the order of [`WorkloadLabels::values`]. Per-process
 /// families put them right after `comm`.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "families spell them out; the test holds them to this list"
+    )
+)]
 pub const LABELS: [&str; 4] = ["namespace", "pod", "container", "workload"];
 
 /// Most processes whose cgroup is cached; past it the cache is swept (then emptied).

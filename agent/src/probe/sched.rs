@@ -379,6 +379,7 @@ pub struct SchedProbe {
 
 impl SchedProbe {
     /// Writes the configuration, loads and attaches the five programs, and takes the maps.
+    #[expect(clippy::too_many_arguments, reason = "two call sites, all distinct")]
     pub fn attach(
         ebpf: &mut Ebpf,
         tracefs: &Path,
