@@ -175,7 +175,7 @@ async fn run_async(
             "--pid {pid}: no such process; give the pid (tgid) of a running process"
         )));
     }
-    let max_entries: Vec<(&'static str, u32)> = args
+    let mut max_entries: Vec<(&'static str, u32)> = args
         .syscalls_map_entries
         .map(|n| {
             use agent_common::syscalls::{SYSCALL_COUNTS_0, SYSCALL_COUNTS_1};
@@ -187,6 +187,11 @@ async fn run_async(
         .transport
         .resolve(&kernel::has_ringbuf())
         .map_err(RunError::Usage)?;
+    // The bench probe's 4 MiB ring is created with the object: one page unless it was asked for.
+    if transport == crate::transport::Transport::Ringbuf && !args.probes.contains(&ProbeKind::Bench)
+    {
+        max_entries.push((agent_common::bench::BENCH_EVENTS, kernel::page_size()));
+    }
     let btf_source = args
         .compat
         .btf_source(kernel::has_btf())
@@ -469,6 +474,15 @@ impl LiveProbes {
                 )?;
                 tasks.spawn(p.run(rx))
             }
+            ProbeKind::Bench => {
+                let p = crate::probe::bench::BenchProbe::attach(
+                    ebpf,
+                    ctx.transport,
+                    &ctx.snapshot,
+                    ctx.loss.clone(),
+                )?;
+                tasks.spawn(p.run(rx))
+            }
             ProbeKind::Syscalls => {
                 let p = SyscallsProbe::attach(
                     ebpf,
@@ -533,6 +547,7 @@ fn programs(kind: ProbeKind) -> &'static [&'static str] {
         ProbeKind::Tcp => crate::probe::tcp::PROGRAMS,
         ProbeKind::Sched => &crate::probe::sched::HOOKS,
         ProbeKind::Syscalls => crate::probe::syscalls::PROGRAMS,
+        ProbeKind::Bench => crate::probe::bench::PROGRAMS,
     }
 }
 

@@ -17,26 +17,26 @@ use crate::{Agent, Metrics, comm, wait_for};
 
 /// What a worker does when told to go.
 #[derive(Clone, Copy, Debug, Default)]
-struct Workload {
+pub(crate) struct Workload {
     /// `syscall(SYS_getppid)` calls (libc cannot cache or skip them).
-    getppid: u32,
+    pub(crate) getppid: u32,
     /// `openat` calls on a path that does not exist (ENOENT).
-    open_missing: u32,
+    pub(crate) open_missing: u32,
     /// `openat` calls on an existing file (each followed by a `close`).
-    open_existing: u32,
+    pub(crate) open_existing: u32,
     /// One TCP connect to this loopback port.
-    connect_port: Option<u16>,
+    pub(crate) connect_port: Option<u16>,
 }
 
 /// A forked child named `name`, waiting for [`Worker::go`].
-struct Worker {
+pub(crate) struct Worker {
     pid: libc::pid_t,
     cmd: libc::c_int,
     done: libc::c_int,
 }
 
 impl Worker {
-    fn spawn(name: &str, w: Workload) -> Self {
+    pub(crate) fn spawn(name: &str, w: Workload) -> Self {
         let cname = CString::new(name).unwrap();
         let dir = std::env::temp_dir();
         let existing = dir.join(format!("tanzhen-sc-{}-{name}", std::process::id()));
@@ -121,12 +121,12 @@ impl Worker {
         }
     }
 
-    fn pid(&self) -> String {
+    pub(crate) fn pid(&self) -> String {
         self.pid.to_string()
     }
 
     /// Runs the workload and waits until the worker has finished it.
-    fn go(&self) {
+    pub(crate) fn go(&self) {
         let b = b'g';
         let mut r = 0u8;
         // SAFETY: our own pipe fds.
