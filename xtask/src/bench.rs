@@ -129,6 +129,7 @@ pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
         bail!("the benchmarks load eBPF programs: run `cargo xtask bench` as root");
     }
     setup::apt(APT)?;
+    let load_start = loadavg();
     step("building the agent (release)");
     run(cargo(root).args(["build", "--release", "--package", "agent"]))?;
     let bin = target_dir(root).join("release/tanzhen");
@@ -184,7 +185,8 @@ pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "rounds": rounds,
         "quick": quick,
-        "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "load_average_start": load_start,
+        "load_average_end": loadavg(),
         "comparisons": sections,
         "throughput": throughput,
         "footprint": footprint,
@@ -203,6 +205,16 @@ pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
         dir.join("report.json").display()
     );
     Ok(())
+}
+
+/// The 1, 5 and 15 minute load averages (/proc/loadavg): the machine may be shared.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn probe_built(bin: &Path, probe: &str) -> bool {
@@ -253,7 +265,7 @@ fn markdown(r: &Value) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "### tanzhen benchmarks (kernel {}, {} CPUs, {} rounds{}; load average at the end: {})\n",
+        "### tanzhen benchmarks (kernel {}, {} CPUs, {} rounds{}; load average {} at the start, {} at the end)\n",
         r["kernel"].as_str().unwrap_or("?"),
         r["cpus"],
         r["rounds"],
@@ -262,7 +274,8 @@ fn markdown(r: &Value) -> String {
         } else {
             ""
         },
-        r["load_average"].as_str().unwrap_or("?")
+        r["load_average_start"].as_str().unwrap_or("?"),
+        r["load_average_end"].as_str().unwrap_or("?")
     );
     let _ = writeln!(
         md,
