@@ -5,6 +5,7 @@
 //! Rust enums on the wire), so both sides agree on the bytes whatever compiler built them.
 #![no_std]
 
+pub mod bench;
 pub mod hist;
 pub mod sched;
 pub mod syscalls;

@@ -16,6 +16,8 @@
 )]
 
 #[cfg(target_arch = "bpf")]
+mod bench;
+#[cfg(target_arch = "bpf")]
 mod config;
 #[cfg(target_arch = "bpf")]
 mod field;

@@ -176,7 +176,7 @@ async fn run_async(
             "--pid {pid}: no such process; give the pid (tgid) of a running process"
         )));
     }
-    let max_entries: Vec<(&'static str, u32)> = args
+    let mut max_entries: Vec<(&'static str, u32)> = args
         .syscalls_map_entries
         .map(|n| {
             use agent_common::syscalls::{SYSCALL_COUNTS_0, SYSCALL_COUNTS_1};
@@ -188,6 +188,11 @@ async fn run_async(
         .transport
         .resolve(&kernel::has_ringbuf())
         .map_err(RunError::Usage)?;
+    // The bench probe's 4 MiB ring is created with the object: one page unless it was asked for.
+    if transport == crate::transport::Transport::Ringbuf && !args.probes.contains(&ProbeKind::Bench)
+    {
+        max_entries.push((agent_common::bench::BENCH_EVENTS, kernel::page_size()));
+    }
     let btf_source = args
         .compat
         .btf_source(kernel::has_btf())
@@ -506,6 +511,15 @@ impl LiveProbes {
                 )?;
                 tasks.spawn(p.run(rx))
             }
+            ProbeKind::Bench => {
+                let p = crate::probe::bench::BenchProbe::attach(
+                    ebpf,
+                    ctx.transport,
+                    &ctx.snapshot,
+                    ctx.loss.clone(),
+                )?;
+                tasks.spawn(p.run(rx))
+            }
             ProbeKind::Syscalls => {
                 let p = SyscallsProbe::attach(
                     ebpf,
@@ -571,6 +585,7 @@ fn programs(kind: ProbeKind) -> &'static [&'static str] {
         ProbeKind::Tcp => crate::probe::tcp::PROGRAMS,
         ProbeKind::Sched => &crate::probe::sched::HOOKS,
         ProbeKind::Syscalls => crate::probe::syscalls::PROGRAMS,
+        ProbeKind::Bench => crate::probe::bench::PROGRAMS,
     }
 }
 

@@ -226,13 +226,18 @@ fn build(args: &CheckArgs) -> Result<Report, String> {
                 false,
                 syscalls::PROGRAMS,
             ),
+            ProbeKind::Bench => (
+                "raw tracepoint raw_syscalls:sys_enter".to_owned(),
+                true,
+                crate::probe::bench::PROGRAMS,
+            ),
         };
         match &mut ebpf {
             Ok(ebpf) => problems.extend(load_programs(ebpf, programs)),
             Err(e) => problems.push(format!("cannot load the eBPF object: {e}")),
         }
         let method = match kind {
-            ProbeKind::Syscalls => "raw_tracepoint",
+            ProbeKind::Syscalls | ProbeKind::Bench => "raw_tracepoint",
             _ if kprobe_path => "kprobe",
             _ => "tracepoint",
         };
@@ -279,7 +284,7 @@ fn layout(kind: ProbeKind, tracefs: &std::path::Path) -> Result<(), String> {
             let f = sched::SchedFormats::read(tracefs).map_err(|e| e.to_string())?;
             sched::config(&f).map(|_| ()).map_err(|e| e.to_string())
         }
-        ProbeKind::Syscalls => Ok(()),
+        ProbeKind::Syscalls | ProbeKind::Bench => Ok(()),
     }
 }
 

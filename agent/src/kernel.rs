@@ -272,6 +272,14 @@ pub fn has_ringbuf() -> Result<bool, String> {
     aya::sys::is_map_supported(aya::maps::MapType::RingBuf).map_err(|e| e.to_string())
 }
 
+/// The memory page size in bytes (the smallest BPF ring buffer); 4096 if sysconf fails.
+#[must_use]
+pub fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(v).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
 /// Lifts RLIMIT_MEMLOCK (to infinity, or at least to the hard limit): kernels before 5.11
 /// charge BPF maps against it.
 pub fn raise_memlock_rlimit() {

@@ -13,6 +13,8 @@ use std::{
 };
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod caps;
 #[cfg(test)]
 mod check;

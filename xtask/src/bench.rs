@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 
 use crate::{cargo, run, setup, step, target_dir};
 
+mod throughput;
+
 /// Debian packages the benchmarks run: perf and libbpf-tools.
 const APT: &[(&str, &str)] = &[
     ("linux-perf", "/usr/bin/perf"),
@@ -127,6 +129,7 @@ pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
         bail!("the benchmarks load eBPF programs: run `cargo xtask bench` as root");
     }
     setup::apt(APT)?;
+    let load_start = loadavg();
     step("building the agent (release)");
     run(cargo(root).args(["build", "--release", "--package", "agent"]))?;
     let bin = target_dir(root).join("release/tanzhen");
@@ -170,13 +173,22 @@ pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
         }
         sections.push(section_json(c, &configs, &samples, lost));
     }
+    let throughput = if probe_built(&bin, "bench") {
+        throughput::throughput(&bin, rounds, quick)?
+    } else {
+        eprintln!("==> skipping event throughput: probe `bench` is not built into this tanzhen");
+        json!({ "skipped": "probe bench not built" })
+    };
     let footprint = footprint(&bin, quick)?;
     let report = json!({
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "rounds": rounds,
         "quick": quick,
+        "load_average_start": load_start,
+        "load_average_end": loadavg(),
         "comparisons": sections,
+        "throughput": throughput,
         "footprint": footprint,
     });
     let dir = target_dir(root).join("bench");
@@ -193,6 +205,16 @@ pub fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
         dir.join("report.json").display()
     );
     Ok(())
+}
+
+/// The 1, 5 and 15 minute load averages (/proc/loadavg): the machine may be shared.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn probe_built(bin: &Path, probe: &str) -> bool {
@@ -243,7 +265,7 @@ fn markdown(r: &Value) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "### tanzhen benchmarks (kernel {}, {} CPUs, {} rounds{})\n",
+        "### tanzhen benchmarks (kernel {}, {} CPUs, {} rounds{}; load average {} at the start, {} at the end)\n",
         r["kernel"].as_str().unwrap_or("?"),
         r["cpus"],
         r["rounds"],
@@ -251,7 +273,9 @@ fn markdown(r: &Value) -> String {
             ", --quick"
         } else {
             ""
-        }
+        },
+        r["load_average_start"].as_str().unwrap_or("?"),
+        r["load_average_end"].as_str().unwrap_or("?")
     );
     let _ = writeln!(
         md,
@@ -299,6 +323,7 @@ fn markdown(r: &Value) -> String {
             s["tanzhen_events_lost"]
         );
     }
+    throughput::markdown(&mut md, &r["throughput"]);
     let f = &r["footprint"];
     let _ = writeln!(
         md,
@@ -366,18 +391,18 @@ impl Drop for Background {
 /// Starts `tanzhen run` on a free loopback port; returns it once /healthz answers, with the
 /// time that took.
 fn start_tanzhen(bin: &Path, probes: &str) -> anyhow::Result<(Child, SocketAddr, Duration)> {
+    start_tanzhen_with(bin, &["--probes", probes])
+}
+
+/// [`start_tanzhen`] with `args` (which name the probes) after `run`.
+fn start_tanzhen_with(bin: &Path, args: &[&str]) -> anyhow::Result<(Child, SocketAddr, Duration)> {
+    let probes = args.join(" ");
     let addr: SocketAddr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let t0 = Instant::now();
     let mut child = Command::new(bin)
-        .args([
-            "run",
-            "--probes",
-            probes,
-            "--listen",
-            &addr.to_string(),
-            "--log-level",
-            "warn",
-        ])
+        .arg("run")
+        .args(args)
+        .args(["--listen", &addr.to_string(), "--log-level", "warn"])
         .stdout(Stdio::null())
         .spawn()?;
     loop {

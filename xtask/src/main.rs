@@ -193,6 +193,7 @@ const COMPAT_TESTS: &[&str] = &[
     "tcp::",
     "sched::",
     "syscalls::",
+    "bench::bench_probe_counts_every_getppid_of_the_pid",
     "otlp::grpc_spans_and_metrics",
     "otlp::spans_carry_the_container_id",
     "config::sighup_attaches_and_detaches_probes_keeping_counters",

@@ -227,6 +227,7 @@ pub fn mechanics(kind: ProbeKind) -> (&'static str, &'static str) {
         ProbeKind::Tcp => ("tracepoint", "ringbuf"),
         ProbeKind::Syscalls => ("raw_tracepoint", "kernel_maps"),
         ProbeKind::Sched => ("tracepoint", "ringbuf+kernel_maps"),
+        ProbeKind::Bench => ("raw_tracepoint", "ringbuf"),
     }
 }
 
@@ -235,6 +236,7 @@ fn event_families(kind: ProbeKind) -> &'static [&'static str] {
     match kind {
         ProbeKind::Tcp => &["tanzhen_tcp_connects", "tanzhen_tcp_accepts"],
         ProbeKind::Syscalls => &["tanzhen_syscalls"],
+        ProbeKind::Bench => &["tanzhen_bench_events"],
         ProbeKind::Sched => &[
             "tanzhen_sched_context_switches",
             "tanzhen_process_execs",

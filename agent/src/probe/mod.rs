@@ -1,6 +1,7 @@
 //! The probe catalogue: what each probe measures, the kernel hooks it needs, and whether this
 //! build ships it. `tanzhen probes`, `tanzhen check` and `--probes` all read it.
 
+pub mod bench;
 pub mod listeners;
 pub mod sched;
 pub mod syscall_names;
@@ -36,6 +37,8 @@ pub enum ProbeKind {
     Tcp,
     Syscalls,
     Sched,
+    /// Hidden: `cargo xtask bench`'s event source ([`BENCH`]), never in [`PROBES`].
+    Bench,
 }
 
 /// Takes the map `name` out of the object as a typed map (the probe's drain task owns it).
@@ -158,6 +161,21 @@ pub const PROBES: &[ProbeInfo] = &[
     },
 ];
 
+/// The bench probe (`cargo xtask bench`'s event throughput item): outside [`PROBES`], so
+/// `tanzhen probes`, `tanzhen check`, the help and `all` leave it out; `--probes bench` names it.
+pub const BENCH: ProbeInfo = ProbeInfo {
+    kind: ProbeKind::Bench,
+    name: "bench",
+    summary: "benchmark event source: one event per getppid call of the --pid process (raw tracepoint sys_enter), counted after the event transport",
+    metrics: &["tanzhen_bench_events_total"],
+    hooks: &[Hook::Tracepoint {
+        category: "raw_syscalls",
+        name: "sys_enter",
+    }],
+    min_kernel: (4, 19),
+    built: true,
+};
+
 impl ProbeInfo {
     /// The hooks as one comma-separated line.
     #[must_use]
@@ -174,6 +192,9 @@ impl ProbeKind {
     /// The catalogue entry of this probe.
     #[must_use]
     pub fn info(self) -> &'static ProbeInfo {
+        if self == Self::Bench {
+            return &BENCH;
+        }
         PROBES
             .iter()
             .find(|p| p.kind == self)
@@ -247,6 +268,10 @@ fn parse_in(catalogue: &[ProbeInfo], s: &str) -> Result<ProbeList, String> {
             all = true;
             continue;
         }
+        if name == BENCH.name {
+            out.push(ProbeKind::Bench);
+            continue;
+        }
         match catalogue.iter().find(|p| p.name == name) {
             Some(p) if p.built => out.push(p.kind),
             Some(p) => {
@@ -280,6 +305,11 @@ mod tests {
         assert_eq!(
             parse_list("all").unwrap().0,
             vec![ProbeKind::Tcp, ProbeKind::Syscalls, ProbeKind::Sched]
+        );
+        assert_eq!(
+            parse_list("bench").unwrap().0,
+            vec![ProbeKind::Bench],
+            "hidden, but parsed by name"
         );
         assert_eq!(
             parse_list("sched,tcp").unwrap().0,
