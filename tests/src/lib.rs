@@ -23,6 +23,8 @@ mod config;
 #[cfg(test)]
 mod dashboards;
 #[cfg(test)]
+mod lifecycle;
+#[cfg(test)]
 mod live;
 #[cfg(test)]
 mod otlp;
@@ -117,11 +119,27 @@ impl Agent {
         Self::spawn_in(wrapper, args, &[], &["--log-level", "debug"])
     }
 
+    /// [`Agent::start`] listening on `addr` (e.g. the address of an agent just stopped).
+    #[must_use]
+    pub fn start_on(addr: SocketAddr, args: &[&str]) -> Self {
+        Self::spawn_at(&[], args, &[], &["--log-level", "debug"], Some(addr))
+    }
+
     fn spawn(args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
         Self::spawn_in(&[], args, env, log_args)
     }
 
     fn spawn_in(wrapper: &[&str], args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
+        Self::spawn_at(wrapper, args, env, log_args, None)
+    }
+
+    fn spawn_at(
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_args: &[&str],
+        addr: Option<SocketAddr>,
+    ) -> Self {
         require_root();
         let bin = tanzhen_bin();
         assert!(
@@ -129,7 +147,8 @@ impl Agent {
             "{} is missing: build it with `cargo build -p agent`",
             bin.display()
         );
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let addr: SocketAddr =
+            addr.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let log = std::env::temp_dir().join(format!(
             "tanzhen-e2e-{}-{}.log",
             std::process::id(),
