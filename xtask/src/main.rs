@@ -6,6 +6,7 @@
 mod bench;
 mod dashboards;
 mod dist;
+mod fuzz;
 mod gen_syscalls;
 mod setup;
 
@@ -66,6 +67,15 @@ enum Task {
     },
     /// Regenerate deploy/grafana/dashboards-configmap.yaml from dashboards/*.json.
     Dashboards,
+    /// Run the cargo-fuzz targets of fuzz/ (the parsers of outside input), each for the given
+    /// time, with the nightly toolchain (installs cargo-fuzz into the tools cache once).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Set up, then run every test: unit tests, then the privileged end-to-end tests against
     /// the real kernel (needs root).
     Test {
@@ -120,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             bench::bench(&root, quick)
         }
         Task::Dashboards => dashboards::generate(&root),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(&root, seconds, &targets),
         Task::GenSyscalls { debs } => gen_syscalls::run(&root, debs),
         Task::Test { filter } => {
             setup::all()?;
