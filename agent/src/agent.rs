@@ -102,17 +102,18 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
     crate::caps::check().map_err(RunError::Fatal)?;
     let listener = args.listen.0.map(bind).transpose()?;
     // Before the runtime starts its threads, so that they all inherit the reduced sets.
-    match crate::caps::drop_unused(args.drop_caps) {
-        Ok(left) => log::info!("capabilities kept: {left}"),
-        Err(e) => log::warn!("could not drop unused capabilities: {e}"),
-    }
+    // Logged once the probes are attached (start-up errors stay one line).
+    let caps_kept = match crate::caps::drop_unused(args.drop_caps) {
+        Ok(left) => format!("capabilities kept: {left}"),
+        Err(e) => format!("could not drop unused capabilities: {e}"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tanzhen-rt")
         .enable_all()
         .build()
         .map_err(|e| RunError::Fatal(format!("starting the runtime: {e}")))?;
-    rt.block_on(run_async(args, listener, otlp, security))
+    rt.block_on(run_async(args, listener, otlp, security, &caps_kept))
 }
 
 async fn run_async(
@@ -120,6 +121,7 @@ async fn run_async(
     listener: Option<std::net::TcpListener>,
     otlp: Option<OtlpConfig>,
     security: server::Security,
+    caps_kept: &str,
 ) -> Result<(), RunError> {
     let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
     let listener = listener
@@ -272,6 +274,7 @@ async fn run_async(
             "no probe could attach; see `tanzhen check`".into(),
         ));
     }
+    log::info!("{caps_kept}");
     if args.drop_caps {
         drop_load_caps(&uname.release)?;
         probes.sealed = true;

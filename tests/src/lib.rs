@@ -33,6 +33,8 @@ mod sched;
 #[cfg(test)]
 mod server;
 #[cfg(test)]
+mod soak;
+#[cfg(test)]
 mod syscalls;
 #[cfg(test)]
 mod tcp;

@@ -67,6 +67,16 @@ enum Task {
     },
     /// Regenerate deploy/grafana/dashboards-configmap.yaml from dashboards/*.json.
     Dashboards,
+    /// The long soak (root): all probes, 50,000 short-lived processes with random names and
+    /// 100,000 connects to random local ports (the e2e suite runs a short variant).
+    Soak {
+        /// Short-lived processes to churn.
+        #[arg(long, default_value_t = 50_000)]
+        processes: u32,
+        /// Connects to random local ports.
+        #[arg(long, default_value_t = 100_000)]
+        connects: u32,
+    },
     /// Run the cargo-fuzz targets of fuzz/ (the parsers of outside input), each for the given
     /// time, with the nightly toolchain (installs cargo-fuzz into the tools cache once).
     Fuzz {
@@ -131,6 +141,23 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Dashboards => dashboards::generate(&root),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(&root, seconds, &targets),
+        Task::Soak {
+            processes,
+            connects,
+        } => {
+            setup::all()?;
+            build(&root, false)?;
+            step(&format!(
+                "soak: {processes} processes, {connects} connects (tests/src/soak.rs)"
+            ));
+            let mut cmd = cargo(&root);
+            cmd.args(["test", "--package", "tests", "--", "--test-threads=1"])
+                .args(["soak::", "--nocapture"])
+                .env("TANZHEN_BIN", target_dir(&root).join("debug/tanzhen"))
+                .env("TANZHEN_SOAK_PROCESSES", processes.to_string())
+                .env("TANZHEN_SOAK_CONNECTS", connects.to_string());
+            run(&mut cmd)
+        }
         Task::GenSyscalls { debs } => gen_syscalls::run(&root, debs),
         Task::Test { filter } => {
             setup::all()?;
