@@ -14,6 +14,8 @@ const OBJECTS: &[&str] = &["tanzhen-ebpf", "tanzhen-ebpf-perf"];
 
 fn main() -> anyhow::Result<()> {
     git_revision();
+    // agent/src/fuzz.rs is compiled only by the fuzz crate, under cargo-fuzz's `--cfg fuzzing`.
+    println!("cargo::rustc-check-cfg=cfg(fuzzing)");
 
     let out = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));

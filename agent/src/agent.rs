@@ -102,13 +102,19 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
     }
     crate::caps::check().map_err(RunError::Fatal)?;
     let listener = args.listen.0.map(bind).transpose()?;
+    // Before the runtime starts its threads, so that they all inherit the reduced sets.
+    // Logged once the probes are attached (start-up errors stay one line).
+    let caps_kept = match crate::caps::drop_unused(args.drop_caps) {
+        Ok(left) => format!("capabilities kept: {left}"),
+        Err(e) => format!("could not drop unused capabilities: {e}"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tanzhen-rt")
         .enable_all()
         .build()
         .map_err(|e| RunError::Fatal(format!("starting the runtime: {e}")))?;
-    rt.block_on(run_async(args, listener, otlp, security))
+    rt.block_on(run_async(args, listener, otlp, security, &caps_kept))
 }
 
 async fn run_async(
@@ -116,6 +122,7 @@ async fn run_async(
     listener: Option<std::net::TcpListener>,
     otlp: Option<OtlpConfig>,
     security: server::Security,
+    caps_kept: &str,
 ) -> Result<(), RunError> {
     let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
     let listener = listener
@@ -218,15 +225,12 @@ async fn run_async(
         btf_source.describe(),
         crate::probe::tcp::describe(tcp_attach)
     );
+    let agent_config = agent_common::AgentConfig {
+        filter_tgid: args.pid.unwrap_or(0),
+        _pad: 0,
+    };
     let mut ebpf = loader::load(transport, btf.as_ref(), &max_entries).map_err(|e| fatal(&e))?;
-    loader::configure(
-        &mut ebpf,
-        agent_common::AgentConfig {
-            filter_tgid: args.pid.unwrap_or(0),
-            _pad: 0,
-        },
-    )
-    .map_err(|e| fatal(&e))?;
+    loader::configure(&mut ebpf, agent_config).map_err(|e| fatal(&e))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (meta, meta_tasks) = metadata(args, &snapshot, &stop_rx).await?;
@@ -245,6 +249,11 @@ async fn run_async(
         syscalls: SyscallsOptions {
             interval: args.interval,
             comm_filter: args.syscalls_comm_filter.clone(),
+        },
+        object: ObjectParams {
+            btf,
+            max_entries,
+            agent_config,
         },
     };
     let mut probes = LiveProbes::default();
@@ -272,6 +281,11 @@ async fn run_async(
         return Err(RunError::Fatal(
             "no probe could attach; see `tanzhen check`".into(),
         ));
+    }
+    log::info!("{caps_kept}");
+    if args.drop_caps {
+        drop_load_caps(&uname.release)?;
+        probes.sealed = true;
     }
 
     let (server, serving) = match listener {
@@ -350,6 +364,7 @@ async fn run_async(
     // Detach first (dropping Ebpf drops the links), then let the drain tasks flush what the
     // kernel already submitted, then stop serving.
     drop(ebpf);
+    probes.own.clear();
     probes.stop_all();
     let _ = stop_tx.send(true);
     while let Some(res) = tasks.join_next().await {
@@ -451,6 +466,41 @@ struct ProbeCtx {
     live: Arc<Live>,
     interval: std::time::Duration,
     syscalls: SyscallsOptions,
+    /// How the object was loaded, to load a fresh copy for a probe attached again.
+    object: ObjectParams,
+}
+
+/// What loading the eBPF object took.
+struct ObjectParams {
+    btf: Option<aya::Btf>,
+    max_entries: Vec<(&'static str, u32)>,
+    agent_config: agent_common::AgentConfig,
+}
+
+/// `--drop-caps`: drops the load capabilities from every thread, keeping what reading /proc
+/// needs, and CAP_BPF/CAP_SYS_ADMIN where the kernel checks them on every map read.
+fn drop_load_caps(release: &str) -> Result<(), RunError> {
+    use crate::caps;
+    let mut keep = caps::KEEP_RUNTIME;
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let version = kernel::parse_release(release).unwrap_or((0, 0));
+    if !caps::maps_readable_without_bpf_caps(version, disabled) {
+        keep |= (1 << caps::CAP_BPF) | (1 << caps::CAP_SYS_ADMIN);
+        log::warn!(
+            "--drop-caps: keeping CAP_BPF and CAP_SYS_ADMIN: before Linux 6.5 with \
+             kernel.unprivileged_bpf_disabled={disabled}, reading the probes' maps needs them"
+        );
+    }
+    let left = caps::drop_all_threads(keep)
+        .map_err(|e| RunError::Fatal(format!("--drop-caps: dropping capabilities: {e}")))?;
+    log::info!(
+        "--drop-caps: capabilities of all {} threads now: {left}; SIGHUP can no longer attach probes",
+        caps::tasks().len()
+    );
+    Ok(())
 }
 
 type ProbeTasks = tokio::task::JoinSet<Result<(), ProbeError>>;
@@ -460,8 +510,12 @@ type ProbeTasks = tokio::task::JoinSet<Result<(), ProbeError>>;
 struct LiveProbes {
     running: Vec<(ProbeKind, watch::Sender<bool>, tokio::task::Id)>,
     /// Probes detached at runtime: their kernel maps went with their drain task, so attaching
-    /// them again needs a restart.
+    /// one again loads a fresh copy of the object for it.
     removed: Vec<ProbeKind>,
+    /// Those fresh copies, by the probe attached from them (dropping one detaches it).
+    own: std::collections::HashMap<ProbeKind, aya::Ebpf>,
+    /// `--drop-caps` dropped the capabilities that load programs: nothing can attach now.
+    sealed: bool,
     /// Drain tasks told to stop, whose end is expected.
     detached: std::collections::HashMap<tokio::task::Id, ProbeKind>,
 }
@@ -475,13 +529,27 @@ impl LiveProbes {
         ctx: &ProbeCtx,
         tasks: &mut ProbeTasks,
     ) -> Result<(), ProbeError> {
-        if self.removed.contains(&kind) {
+        if self.sealed {
             return Err(ProbeError::Unsupported {
                 probe: kind.name(),
-                reason: "it was detached earlier in this run; restart tanzhen to attach it again"
+                reason: "--drop-caps dropped the capabilities that load probes after start-up; \
+                         restart tanzhen to attach it"
                     .into(),
             });
         }
+        let mut fresh = None;
+        if self.removed.contains(&kind) {
+            let object = &ctx.object;
+            let mut copy = loader::load(ctx.transport, object.btf.as_ref(), &object.max_entries)
+                .map_err(|e| ProbeError::Unsupported {
+                    probe: kind.name(),
+                    reason: format!("loading a fresh copy of the eBPF object: {e}"),
+                })?;
+            loader::configure(&mut copy, object.agent_config)?;
+            ctx.loss.rebase(kind.name());
+            fresh = Some(copy);
+        }
+        let ebpf = fresh.as_mut().unwrap_or(ebpf);
         let (tx, rx) = watch::channel(false);
         let handle = match kind {
             ProbeKind::Tcp => {
@@ -533,6 +601,9 @@ impl LiveProbes {
             }
         };
         self.running.push((kind, tx, handle.id()));
+        if let Some(copy) = fresh {
+            self.own.insert(kind, copy);
+        }
         Ok(())
     }
 
@@ -542,6 +613,7 @@ impl LiveProbes {
         let Some(i) = self.running.iter().position(|(k, ..)| *k == kind) else {
             return Ok(());
         };
+        let ebpf = self.own.get_mut(&kind).unwrap_or(ebpf);
         for name in programs(kind) {
             let res = match ebpf.program_mut(name) {
                 Some(aya::programs::Program::TracePoint(p)) => p.unload(),
@@ -557,8 +629,11 @@ impl LiveProbes {
             }
         }
         let (_, tx, id) = self.running.remove(i);
+        self.own.remove(&kind);
         self.detached.insert(id, kind);
-        self.removed.push(kind);
+        if !self.removed.contains(&kind) {
+            self.removed.push(kind);
+        }
         let _ = tx.send(true);
         Ok(())
     }
@@ -674,6 +749,12 @@ fn reload_changes(old: &RunArgs, new: &RunArgs) -> Vec<String> {
         "series_ttl",
         format!("{:?}", old.series_ttl),
         format!("{:?}", new.series_ttl),
+        false,
+    );
+    diff(
+        "drop_caps",
+        old.drop_caps.to_string(),
+        new.drop_caps.to_string(),
         false,
     );
     if format!("{:?}", old.otlp) != format!("{:?}", new.otlp) {

@@ -119,6 +119,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// After the probes attach, drop the capabilities that load probes (CAP_BPF, CAP_PERFMON,
+    /// CAP_SYS_ADMIN, CAP_SYS_RESOURCE) from every thread; SIGHUP can then detach probes but
+    /// not attach new ones. Without it only capabilities the agent never needs are dropped.
+    #[arg(long, env = "TANZHEN_DROP_CAPS", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub drop_caps: bool,
+
     /// Only observe this process (tgid), in every probe.
     #[arg(long, env = "TANZHEN_PID")]
     pub pid: Option<u32>,

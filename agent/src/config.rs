@@ -253,9 +253,13 @@ pub fn install(mut run: clap::Command, settings: &[Setting]) -> clap::Command {
     run
 }
 
-/// A TOML literal for a default value: numbers bare, everything else quoted.
+/// A TOML literal for a default value: numbers and booleans bare, everything else quoted.
 fn literal(s: &str) -> String {
-    if s.parse::<i64>().is_ok() || (s.contains('.') && s.parse::<f64>().is_ok()) {
+    if s.parse::<i64>().is_ok()
+        || (s.contains('.') && s.parse::<f64>().is_ok())
+        || s == "true"
+        || s == "false"
+    {
         s.to_owned()
     } else {
         Value::String(s.to_owned()).to_string()

@@ -9,6 +9,8 @@ mod compat;
 mod config;
 mod export;
 mod features;
+#[cfg(fuzzing)]
+pub mod fuzz;
 #[cfg(test)]
 mod hostile;
 mod kernel;

@@ -7,9 +7,8 @@
 use std::{thread, time::Duration};
 
 use crate::{
-    Agent, Metrics, comm,
+    Agent, Metrics, comm, wait_for,
     workload::{Worker, Workload},
-    wait_for,
 };
 
 fn events(m: &Metrics) -> f64 {

@@ -328,14 +328,37 @@ fn sighup_attaches_and_detaches_probes_keeping_counters() {
     // The tracepoint's link (and perf buffers) are closed: sched's five remain.
     assert_eq!(perf_events(agent.pid()), 5 + perf_buffers(1));
 
-    // Attaching it again in the same run is refused with the fix; the agent keeps running.
+    // Attaching it again in the same run loads a fresh copy of its programs: no error, and
+    // its counters go on from where they stopped.
     file.write("probes = [\"sched\", \"tcp\"]\n");
     sighup(&agent);
-    wait_log(&agent, "restart tanzhen to attach it again");
+    let log = wait_log(&agent, "SIGHUP: probe `tcp` attached");
+    assert!(!log.contains("failed to attach"), "{log}");
+    refused_connects(&comm, 3);
+    let m = crate::wait_for(&agent, Duration::from_secs(20), |m| failed(m) >= 13.0);
     assert_eq!(
-        agent
-            .scrape()
-            .sum("tanzhen_probe_up", &[("probe", "sched")]),
-        1.0
+        failed(&m),
+        13.0,
+        "10 before the detach + 3 after the re-attach"
     );
+    assert_eq!(m.sum("tanzhen_probe_up", &[("probe", "tcp")]), 1.0);
+    assert_eq!(m.sum("tanzhen_probe_up", &[("probe", "sched")]), 1.0);
+    assert_eq!(perf_events(agent.pid()), 6 + perf_buffers(2));
+
+    // And once more: detach and re-attach the copy.
+    file.write("probes = [\"sched\"]\n");
+    sighup(&agent);
+    crate::wait_for(&agent, Duration::from_secs(20), |m| {
+        m.sum("tanzhen_probe_up", &[("probe", "tcp")]) == 0.0
+    });
+    assert_eq!(perf_events(agent.pid()), 5 + perf_buffers(1));
+    file.write("probes = [\"tcp\", \"sched\"]\n");
+    sighup(&agent);
+    crate::wait_for(&agent, Duration::from_secs(20), |m| {
+        m.sum("tanzhen_probe_up", &[("probe", "tcp")]) == 1.0
+    });
+    refused_connects(&comm, 2);
+    let m = crate::wait_for(&agent, Duration::from_secs(20), |m| failed(m) >= 15.0);
+    assert_eq!(failed(&m), 15.0);
+    assert_eq!(perf_events(agent.pid()), 6 + perf_buffers(2));
 }

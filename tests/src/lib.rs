@@ -27,6 +27,8 @@ mod dashboards;
 #[cfg(test)]
 mod k8s;
 #[cfg(test)]
+mod lifecycle;
+#[cfg(test)]
 mod live;
 #[cfg(test)]
 mod otlp;
@@ -34,6 +36,8 @@ mod otlp;
 mod sched;
 #[cfg(test)]
 mod server;
+#[cfg(test)]
+mod soak;
 #[cfg(test)]
 mod syscalls;
 #[cfg(test)]
@@ -122,11 +126,27 @@ impl Agent {
         Self::spawn_in(wrapper, args, &[], &["--log-level", "debug"])
     }
 
+    /// [`Agent::start`] listening on `addr` (e.g. the address of an agent just stopped).
+    #[must_use]
+    pub fn start_on(addr: SocketAddr, args: &[&str]) -> Self {
+        Self::spawn_at(&[], args, &[], &["--log-level", "debug"], Some(addr))
+    }
+
     fn spawn(args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
         Self::spawn_in(&[], args, env, log_args)
     }
 
     fn spawn_in(wrapper: &[&str], args: &[&str], env: &[(&str, &str)], log_args: &[&str]) -> Self {
+        Self::spawn_at(wrapper, args, env, log_args, None)
+    }
+
+    fn spawn_at(
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_args: &[&str],
+        addr: Option<SocketAddr>,
+    ) -> Self {
         require_root();
         let bin = tanzhen_bin();
         assert!(
@@ -134,7 +154,8 @@ impl Agent {
             "{} is missing: build it with `cargo build -p agent`",
             bin.display()
         );
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let addr: SocketAddr =
+            addr.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let log = std::env::temp_dir().join(format!(
             "tanzhen-e2e-{}-{}.log",
             std::process::id(),

@@ -1180,3 +1180,115 @@ fn tls_gzip_and_per_signal_endpoints() {
     );
     assert_eq!(http_get(agent.addr, "/healthz").unwrap().0, 200);
 }
+
+/// Exporters under stress: `/metrics` is scraped without pause while SIGHUP changes the probe
+/// set six times and the OTLP collector is killed and started again on the same port. The
+/// agent never exits, every scrape succeeds, and none takes more than 1 s (a functional bound
+/// from the issue: a blocked endpoint, not a performance target).
+#[test]
+fn scrapes_during_reloads_and_a_collector_restart() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let port = free_port();
+    let config = std::env::temp_dir().join(format!("tanzhen-{}-stress.toml", std::process::id()));
+    let write = |probes: &str| {
+        std::fs::write(&config, format!("probes = [{probes}]\n")).unwrap();
+    };
+    write("\"tcp\"");
+    let mut rx = Some(Receiver::start(Proto::Grpc, port));
+    let agent = Agent::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{port}"),
+        "--otlp-protocol",
+        "grpc",
+        "--otlp-interval",
+        "300ms",
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let scraper = {
+        let (stop, addr) = (stop.clone(), agent.addr);
+        thread::spawn(move || {
+            let (mut n, mut max, mut errors) = (0u32, Duration::ZERO, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match http_get(addr, "/metrics") {
+                    Ok((200, body)) if body.contains("tanzhen_probe_up") => {}
+                    other => errors.push(format!("{other:?}")),
+                }
+                max = max.max(t.elapsed());
+                n += 1;
+            }
+            (n, max, errors)
+        })
+    };
+    let name = comm("tzst");
+    let sets = [
+        (
+            "\"tcp\", \"sched\"",
+            &["tcp", "sched"][..],
+            &["syscalls"][..],
+        ),
+        ("\"sched\", \"syscalls\"", &["sched", "syscalls"], &["tcp"]),
+        ("\"syscalls\"", &["syscalls"], &["tcp", "sched"]),
+        (
+            "\"tcp\", \"syscalls\", \"sched\"",
+            &["tcp", "syscalls", "sched"],
+            &[],
+        ),
+        ("\"tcp\"", &["tcp"], &["syscalls", "sched"]),
+        ("\"sched\", \"tcp\"", &["sched", "tcp"], &["syscalls"]),
+    ];
+    for (i, (text, up, down)) in sets.iter().enumerate() {
+        if i == 1 {
+            // Kill the collector: its runtime (and listening socket) goes.
+            rx = None;
+        }
+        if i == 4 {
+            rx = Some(Receiver::start(Proto::Grpc, port));
+        }
+        write(text);
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) }, 0);
+        let m = crate::wait_for(&agent, Duration::from_secs(30), |m| {
+            up.iter()
+                .all(|p| m.sum("tanzhen_probe_up", &[("probe", p)]) == 1.0)
+                && down
+                    .iter()
+                    .all(|p| m.sum("tanzhen_probe_up", &[("probe", p)]) == 0.0)
+        });
+        for p in *up {
+            assert_eq!(
+                m.sum("tanzhen_probe_up", &[("probe", p)]),
+                1.0,
+                "step {i}: {p}\n{}",
+                agent.log_text()
+            );
+        }
+        workload(&name, 2, 2);
+    }
+    // The restarted collector gets metrics again.
+    let rx = rx.expect("collector restarted");
+    assert!(
+        wait_until(Duration::from_secs(30), || rx.last_metrics().is_some()),
+        "no export after the collector restart\n{}",
+        agent.log_text()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (n, max, errors) = scraper.join().unwrap();
+    eprintln!("{n} scrapes during the reloads; slowest {max:?}");
+    assert!(errors.is_empty(), "failed scrapes: {errors:?}");
+    assert!(n >= 20, "only {n} scrapes");
+    assert!(max < Duration::from_secs(1), "a scrape took {max:?}");
+    let log = agent.log_text();
+    assert!(!log.contains("stopped unexpectedly"), "{log}");
+    assert!(
+        agent
+            .scrape()
+            .sum("tanzhen_otlp_export_failures_total", &[])
+            >= 1.0
+    );
+    assert_eq!(http_get(agent.addr, "/healthz").unwrap().0, 200);
+    let _ = std::fs::remove_file(&config);
+}

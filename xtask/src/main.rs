@@ -6,6 +6,7 @@
 mod bench;
 mod dashboards;
 mod dist;
+mod fuzz;
 mod gen_syscalls;
 mod setup;
 mod vmtest;
@@ -71,6 +72,25 @@ enum Task {
     },
     /// Regenerate deploy/grafana/dashboards-configmap.yaml from dashboards/*.json.
     Dashboards,
+    /// The long soak (root): all probes, 50,000 short-lived processes with random names and
+    /// 100,000 connects to random local ports (the e2e suite runs a short variant).
+    Soak {
+        /// Short-lived processes to churn.
+        #[arg(long, default_value_t = 50_000)]
+        processes: u32,
+        /// Connects to random local ports.
+        #[arg(long, default_value_t = 100_000)]
+        connects: u32,
+    },
+    /// Run the cargo-fuzz targets of fuzz/ (the parsers of outside input), each for the given
+    /// time, with the nightly toolchain (installs cargo-fuzz into the tools cache once).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Set up, then run every test: unit tests, then the privileged end-to-end tests against
     /// the real kernel (needs root).
     Test {
@@ -150,6 +170,24 @@ fn main() -> anyhow::Result<()> {
             bench::bench(&root, quick)
         }
         Task::Dashboards => dashboards::generate(&root),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(&root, seconds, &targets),
+        Task::Soak {
+            processes,
+            connects,
+        } => {
+            setup::all()?;
+            build(&root, false)?;
+            step(&format!(
+                "soak: {processes} processes, {connects} connects (tests/src/soak.rs)"
+            ));
+            let mut cmd = cargo(&root);
+            cmd.args(["test", "--package", "tests", "--", "--test-threads=1"])
+                .args(["soak::", "--nocapture"])
+                .env("TANZHEN_BIN", target_dir(&root).join("debug/tanzhen"))
+                .env("TANZHEN_SOAK_PROCESSES", processes.to_string())
+                .env("TANZHEN_SOAK_CONNECTS", connects.to_string());
+            run(&mut cmd)
+        }
         Task::GenSyscalls { debs } => gen_syscalls::run(&root, debs),
         Task::Test { filter, no_vm } => {
             setup::all()?;

@@ -407,7 +407,10 @@ mod tests {
             assert_eq!(desc.labels[1..5], LABELS, "{}", desc.name);
             checked += 1;
         }
-        assert_eq!(checked, 9, "tcp 3, syscalls 3, process execs/exits 2, run-queue latency");
+        assert_eq!(
+            checked, 9,
+            "tcp 3, syscalls 3, process execs/exits 2, run-queue latency"
+        );
     }
 
     #[test]

@@ -582,7 +582,7 @@ fn read_lost(
 ) {
     let misses: Option<u64> = progs.iter().map(|p| recursion_misses(p.as_fd())).sum();
     if let Some(m) = misses {
-        loss.events_lost.set_total(&[PROBE, LOST_RECURSION], m);
+        loss.set_kernel_total(PROBE, LOST_RECURSION, m);
     }
     loss.read_kernel(PROBE, lost, reasons);
 }

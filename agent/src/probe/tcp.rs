@@ -272,6 +272,9 @@ impl TcpMetrics {
 pub struct LossCounters {
     pub events_lost: Arc<CounterVec>,
     pub decode_errors: Arc<CounterVec>,
+    /// Per (probe, reason): what earlier instances of the probe counted, added to the kernel's
+    /// totals once the probe was detached and attached again (its new maps start at 0).
+    base: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), u64>>>,
 }
 
 impl LossCounters {
@@ -289,18 +292,45 @@ impl LossCounters {
                 help: "Kernel records userspace could not decode (short or unknown), by probe.",
                 labels: &["probe"],
             }),
+            base: Arc::default(),
         };
         loss.events_lost.persistent();
         loss.decode_errors.persistent();
         loss
     }
 
+    /// Called before `probe` attaches again in the same run: its kernel totals restart at 0, so
+    /// the totals exported so far become the base they add to.
+    pub fn rebase(&self, probe: &str) {
+        let Ok(mut base) = self.base.lock() else {
+            return;
+        };
+        for (labels, v) in self.events_lost.snapshot() {
+            if let [p, reason] = labels.as_slice()
+                && p == probe
+            {
+                base.insert((p.clone(), reason.clone()), v);
+            }
+        }
+    }
+
+    /// Sets `tanzhen_events_lost_total{probe,reason}` from a kernel total (plus the base of
+    /// earlier instances of the probe).
+    pub fn set_kernel_total(&self, probe: &str, reason: &str, total: u64) {
+        let base = self.base.lock().map_or(0, |b| {
+            b.get(&(probe.to_owned(), reason.to_owned()))
+                .copied()
+                .unwrap_or(0)
+        });
+        self.events_lost
+            .set_total(&[probe, reason], base.saturating_add(total));
+    }
+
     /// The perf buffers' own drop count (PERF_RECORD_LOST samples) as
     /// `tanzhen_events_lost_total{probe,reason="perf_lost"}`.
     pub fn read_perf(&self, probe: &str, transport: Transport, lost: &AtomicU64) {
         if transport == Transport::Perf {
-            self.events_lost
-                .set_total(&[probe, "perf_lost"], lost.load(Ordering::Relaxed));
+            self.set_kernel_total(probe, "perf_lost", lost.load(Ordering::Relaxed));
         }
     }
 
@@ -310,9 +340,7 @@ impl LossCounters {
         for (i, reason) in reasons.iter().enumerate() {
             let Ok(index) = u32::try_from(i) else { break };
             match lost.get(&index, 0) {
-                Ok(per_cpu) => self
-                    .events_lost
-                    .set_total(&[probe, reason], per_cpu.iter().sum()),
+                Ok(per_cpu) => self.set_kernel_total(probe, reason, per_cpu.iter().sum()),
                 Err(e) => log::debug!("{probe}: reading lost counter {i}: {e}"),
             }
         }
