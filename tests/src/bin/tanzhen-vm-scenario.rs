@@ -301,12 +301,14 @@ fn sched(agent: &Agent) -> String {
         // may have set it to TASK_WAKING, so some voluntary switches show as preemptions
         // (fixed upstream by "sched/tracing: Don't re-read p->state when emitting sched_switch
         // event", 5.18). Nothing is lost: the total must still match, and only voluntary ->
-        // involuntary moves are allowed, at most 5% of them.
+        // involuntary moves are allowed. How many move depends on timing: 0.03-0.4% in most
+        // runs under TCG, 7.2% (269 of 3,758) in one x86_64 run on a loaded host; the bound
+        // (25%) only catches a probe that mixes the kinds up wholesale.
         assert_close(v + i, vol + invol, "all switches", &after);
         let moved = vol as f64 - v;
         assert!(
-            moved >= -(vol as f64 * 0.01).max(2.0) && moved <= vol as f64 * 0.05,
-            "voluntary switches: agent {v}, kernel {vol}: more than 5% reported as preemptions\n{}",
+            moved >= -(vol as f64 * 0.01).max(2.0) && moved <= vol as f64 * 0.25,
+            "voluntary switches: agent {v}, kernel {vol}: more than 25% reported as preemptions\n{}",
             after.0
         );
         detail.push_str(&format!(
