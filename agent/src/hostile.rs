@@ -138,21 +138,7 @@ proptest! {
         timeout in ".{0,8}",
         compression in ".{0,6}",
     ) {
-        let args = OtlpArgs {
-            otlp_endpoint: Some(endpoint),
-            otlp_protocol: None,
-            otlp_interval: std::time::Duration::from_secs(10),
-            otlp_headers: flag_headers,
-            otlp_metrics_endpoint: None,
-            otlp_traces_endpoint: None,
-            otlp_timeout: None,
-            otlp_compression: None,
-            otlp_certificate: None,
-            otlp_client_certificate: None,
-            otlp_client_key: None,
-            trace_sample_ratio: 1.0,
-            trace_max_spans_per_second: 10,
-        };
+        let args = OtlpArgs::for_parsers(endpoint, flag_headers);
         let env = |k: &str| match k {
             "OTEL_EXPORTER_OTLP_HEADERS" => Some(env_headers.clone()),
             "OTEL_EXPORTER_OTLP_PROTOCOL" => Some(if grpc { "grpc" } else { "http/protobuf" }.to_owned()),

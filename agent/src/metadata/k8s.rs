@@ -97,6 +97,10 @@ impl K8sArgs {
 
     /// The node name: the flag, else `NODE_NAME`, else the host name.
     #[must_use]
+    #[cfg_attr(
+        not(any(feature = "k8s", test)),
+        expect(dead_code, reason = "only the API watch needs it")
+    )]
     pub fn node(&self, env: &dyn Fn(&str) -> Option<String>) -> String {
         self.node_name
             .clone()
@@ -171,6 +175,7 @@ pub async fn client() -> Result<Client, K8sError> {
     Client::try_from(config).map_err(|e| K8sError::Client(e.to_string()))
 }
 
+#[cfg(any(feature = "k8s", test))]
 /// A controller of an object: its kind and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Owner {
@@ -178,6 +183,7 @@ pub struct Owner {
     pub name: String,
 }
 
+#[cfg(any(feature = "k8s", test))]
 impl Owner {
     /// The controller among `refs` (the one with `controller: true`, else the first).
     #[cfg(feature = "k8s")]
@@ -206,6 +212,7 @@ impl Owner {
     }
 }
 
+#[cfg(any(feature = "k8s", test))]
 /// The workload label of a pod controlled by `owner`. `parent` is what the API said about the
 /// owner's own controller when [`Owner::has_parent`]: `Some(Some(_))` its controller,
 /// `Some(None)` it has none, `None` the lookup failed. `template_hash` is the pod's
@@ -236,6 +243,7 @@ pub fn workload(
     }
 }
 
+#[cfg(any(feature = "k8s", test))]
 /// Strips the runtime prefix of a CRI container id (`containerd://<id>` -> `<id>`).
 #[must_use]
 pub fn bare_container_id(id: &str) -> &str {

@@ -125,6 +125,29 @@ pub struct OtlpArgs {
     pub trace_max_spans_per_second: u32,
 }
 
+#[cfg(any(test, fuzzing))]
+impl OtlpArgs {
+    /// The flags the parser tests and fuzz targets vary (a base endpoint and `--otlp-header`s),
+    /// everything else at its default.
+    pub fn for_parsers(endpoint: String, headers: Vec<(String, String)>) -> Self {
+        Self {
+            otlp_endpoint: Some(endpoint),
+            otlp_protocol: None,
+            otlp_interval: Duration::from_secs(10),
+            otlp_headers: headers,
+            otlp_metrics_endpoint: None,
+            otlp_traces_endpoint: None,
+            otlp_timeout: None,
+            otlp_compression: None,
+            otlp_certificate: None,
+            otlp_client_certificate: None,
+            otlp_client_key: None,
+            trace_sample_ratio: 1.0,
+            trace_max_spans_per_second: 10,
+        }
+    }
+}
+
 /// Parses `--otlp-interval`: `10s`, `500ms`, `2m` or a plain number of seconds, 10ms to 24h.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::cli::duration_within(

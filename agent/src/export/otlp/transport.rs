@@ -166,23 +166,28 @@ fn grpc_channel(cfg: &SignalConfig) -> Result<tonic::transport::Channel, ExportE
 
 /// One signal's connection to the collector.
 #[derive(Clone)]
+pub struct Transport {
+    link: Link,
+    /// Per-request timeout.
+    timeout: Duration,
+    gzip: bool,
+}
+
+/// The protocol-specific half of a [`Transport`].
+#[derive(Clone)]
 #[expect(
     clippy::large_enum_variant,
     reason = "one value per signal, built once at start-up"
 )]
-pub enum Transport {
+enum Link {
     Grpc {
         channel: tonic::transport::Channel,
         metadata: tonic::metadata::MetadataMap,
-        timeout: Duration,
-        gzip: bool,
     },
     Http {
         client: Client<Connector, Full<Bytes>>,
         url: Uri,
         headers: HeaderMap,
-        timeout: Duration,
-        gzip: bool,
     },
 }
 
@@ -190,8 +195,7 @@ impl Transport {
     /// Builds the client (lazily connecting: a collector that is down is not an error here;
     /// unreadable TLS files are). Must run inside the tokio runtime.
     pub fn new(cfg: &SignalConfig) -> Result<Self, ExportError> {
-        let gzip = cfg.compression == Compression::Gzip;
-        match cfg.protocol {
+        let link = match cfg.protocol {
             OtlpProtocol::Grpc => {
                 let channel = grpc_channel(cfg)?;
                 let mut metadata = tonic::metadata::MetadataMap::new();
@@ -203,12 +207,7 @@ impl Transport {
                         .map_err(|_| ExportError::Endpoint(format!("bad value for `{k}`")))?;
                     metadata.insert(key, val);
                 }
-                Ok(Self::Grpc {
-                    channel,
-                    metadata,
-                    timeout: cfg.timeout,
-                    gzip,
-                })
+                Link::Grpc { channel, metadata }
             }
             OtlpProtocol::HttpProtobuf => {
                 let mut headers = HeaderMap::new();
@@ -220,39 +219,42 @@ impl Transport {
                     val.set_sensitive(true);
                     headers.insert(name, val);
                 }
-                Ok(Self::Http {
+                Link::Http {
                     client: Client::builder(TokioExecutor::new())
                         .build(connector(cfg, b"http/1.1")?),
                     url: cfg.url.clone(),
                     headers,
-                    timeout: cfg.timeout,
-                    gzip,
-                })
+                }
             }
-        }
+        };
+        Ok(Self {
+            link,
+            timeout: cfg.timeout,
+            gzip: cfg.compression == Compression::Gzip,
+        })
     }
 
     fn grpc_request<T>(
+        &self,
         metadata: &tonic::metadata::MetadataMap,
-        timeout: Duration,
         msg: T,
     ) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         *req.metadata_mut() = metadata.clone();
-        req.set_timeout(timeout);
+        req.set_timeout(self.timeout);
         req
     }
 
+    /// Posts one protobuf body over HTTP (gzipped when asked), bounded by the timeout.
     async fn post(
+        &self,
         client: &Client<Connector, Full<Bytes>>,
         (uri, headers): (&Uri, &HeaderMap),
-        timeout: Duration,
-        gzip: bool,
         body: Vec<u8>,
     ) -> Result<(), ExportError> {
         let mut req =
             hyper::Request::post(uri.clone()).header(CONTENT_TYPE, "application/x-protobuf");
-        let body = if gzip {
+        let body = if self.gzip {
             req = req.header(CONTENT_ENCODING, "gzip");
             gzip_bytes(&body)
         } else {
@@ -271,83 +273,58 @@ impl Transport {
                 Err(ExportError::Status(status))
             }
         };
-        tokio::time::timeout(timeout, send)
+        tokio::time::timeout(self.timeout, send)
             .await
-            .map_err(|_| ExportError::Timeout(timeout))?
+            .map_err(|_| ExportError::Timeout(self.timeout))?
     }
 
     /// Sends one metrics request.
     pub async fn send_metrics(&self, req: ExportMetricsServiceRequest) -> Result<(), ExportError> {
-        match self {
-            Self::Grpc {
-                channel,
-                metadata,
-                timeout,
-                gzip,
-            } => {
-                let mut client = MetricsServiceClient::new(channel.clone());
-                if *gzip {
-                    client = client.send_compressed(CompressionEncoding::Gzip);
-                }
-                let resp = client
-                    .export(Self::grpc_request(metadata, *timeout, req))
-                    .await?;
-                if let Some(p) = resp.into_inner().partial_success
-                    && p.rejected_data_points > 0
-                {
-                    log::warn!(
-                        "OTLP: collector rejected {} data points: {}",
-                        p.rejected_data_points,
-                        p.error_message
-                    );
-                }
-                Ok(())
-            }
-            Self::Http {
+        let (channel, metadata) = match &self.link {
+            Link::Grpc { channel, metadata } => (channel, metadata),
+            Link::Http {
                 client,
                 url,
                 headers,
-                timeout,
-                gzip,
-            } => Self::post(client, (url, headers), *timeout, *gzip, req.encode_to_vec()).await,
+            } => return self.post(client, (url, headers), req.encode_to_vec()).await,
+        };
+        let mut client = MetricsServiceClient::new(channel.clone());
+        if self.gzip {
+            client = client.send_compressed(CompressionEncoding::Gzip);
         }
+        let resp = client.export(self.grpc_request(metadata, req)).await?;
+        if let Some(p) = resp.into_inner().partial_success {
+            warn_rejected(p.rejected_data_points, "data points", &p.error_message);
+        }
+        Ok(())
     }
 
     /// Sends one trace request.
     pub async fn send_traces(&self, req: ExportTraceServiceRequest) -> Result<(), ExportError> {
-        match self {
-            Self::Grpc {
-                channel,
-                metadata,
-                timeout,
-                gzip,
-            } => {
-                let mut client = TraceServiceClient::new(channel.clone());
-                if *gzip {
-                    client = client.send_compressed(CompressionEncoding::Gzip);
-                }
-                let resp = client
-                    .export(Self::grpc_request(metadata, *timeout, req))
-                    .await?;
-                if let Some(p) = resp.into_inner().partial_success
-                    && p.rejected_spans > 0
-                {
-                    log::warn!(
-                        "OTLP: collector rejected {} spans: {}",
-                        p.rejected_spans,
-                        p.error_message
-                    );
-                }
-                Ok(())
-            }
-            Self::Http {
+        let (channel, metadata) = match &self.link {
+            Link::Grpc { channel, metadata } => (channel, metadata),
+            Link::Http {
                 client,
                 url,
                 headers,
-                timeout,
-                gzip,
-            } => Self::post(client, (url, headers), *timeout, *gzip, req.encode_to_vec()).await,
+            } => return self.post(client, (url, headers), req.encode_to_vec()).await,
+        };
+        let mut client = TraceServiceClient::new(channel.clone());
+        if self.gzip {
+            client = client.send_compressed(CompressionEncoding::Gzip);
         }
+        let resp = client.export(self.grpc_request(metadata, req)).await?;
+        if let Some(p) = resp.into_inner().partial_success {
+            warn_rejected(p.rejected_spans, "spans", &p.error_message);
+        }
+        Ok(())
+    }
+}
+
+/// Logs a gRPC partial success (the collector kept the rest of the request).
+fn warn_rejected(rejected: i64, what: &str, message: &str) {
+    if rejected > 0 {
+        log::warn!("OTLP: collector rejected {rejected} {what}: {message}");
     }
 }
 
