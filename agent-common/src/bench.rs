@@ -28,8 +28,13 @@ pub const BENCH_LOST_REASONS: u32 = 1;
 pub struct BenchConfig {
     /// The syscall number that emits an event (`SYS_getppid` of this architecture).
     pub nr: u32,
-    pub _pad: u32,
+    /// Events per call, 1..=[`BENCH_MAX_EVENTS_PER_CALL`]: more than one lets a single
+    /// generator thread offer the transport more events per second than it can make calls.
+    pub events_per_call: u32,
 }
+
+/// Upper bound of [`BenchConfig::events_per_call`] (the kernel loop is unrolled to it).
+pub const BENCH_MAX_EVENTS_PER_CALL: u32 = 8;
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for BenchConfig {}
 

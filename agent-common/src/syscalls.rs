@@ -11,7 +11,11 @@ pub const SYSCALL_COUNTS_0: &str = "SYSCALL_COUNTS_0";
 pub const SYSCALL_COUNTS_1: &str = "SYSCALL_COUNTS_1";
 /// `PerCpuArray<SyscallHistRow>` indexed by syscall number (row [`SYSCALL_NR_MAX`] = "other").
 pub const SYSCALL_HIST: &str = "SYSCALL_HIST";
-/// `LruHashMap<u32 tid, SyscallStart>`: the syscall each thread is in.
+/// `PerCpuArray<SyscallStart>` with one entry: the syscall the thread running on this CPU
+/// entered, while it has not been switched out since.
+pub const SYSCALL_CUR: &str = "SYSCALL_CUR";
+/// `LruHashMap<u32 tid, SyscallStart>`: syscalls of threads that were switched out inside them
+/// (moved there from [`SYSCALL_CUR`] at `sched_switch`).
 pub const SYSCALL_START: &str = "SYSCALL_START";
 /// `Array<SyscallConfig>` with one entry, written by userspace.
 pub const SYSCALL_CONFIG: &str = "SYSCALL_CONFIG";
@@ -21,7 +25,8 @@ pub const SYSCALL_LOST: &str = "SYSCALL_LOST";
 /// Default capacity of each [`SYSCALL_COUNTS_0`]/[`SYSCALL_COUNTS_1`] generation: distinct
 /// (process, syscall, errno) keys per drain interval. Overridable at load time.
 pub const SYSCALL_COUNTS_MAX: u32 = 16_384;
-/// Capacity of [`SYSCALL_START`]: threads inside a syscall at one time (LRU beyond).
+/// Capacity of [`SYSCALL_START`]: threads switched out inside a syscall at one time (LRU
+/// beyond).
 pub const SYSCALL_START_MAX: u32 = 65_536;
 /// Syscall numbers with their own histogram row; larger ones share the last row.
 pub const SYSCALL_NR_MAX: u32 = 512;
@@ -44,7 +49,9 @@ pub struct SyscallStart {
     /// `bpf_ktime_get_ns` at entry; 0 once the exit has consumed it.
     pub ts_ns: u64,
     pub nr: u32,
-    pub _pad: u32,
+    /// The thread (kernel pid) that entered; meaningful in [`SYSCALL_CUR`], where the CPU's
+    /// next syscall may come from another thread.
+    pub tid: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SyscallStart {}

@@ -12,8 +12,11 @@
 //! - calls are counted at entry in a per-CPU hash keyed by (tgid, nr) (so `clone` counts once
 //!   and `exit_group` counts at all); errors at exit, where the hash is touched only when the
 //!   call failed; the open family is counted at exit per errno (`tanzhen_file_opens_total`);
-//! - the start time and number per thread live in an LRU hash whose slot is overwritten in place
-//!   at entry and zeroed at exit, never inserted and deleted per call;
+//! - the start time and number live in a per-CPU slot tagged with the thread id, written at
+//!   entry and read at exit: no hash lookup on the way in or out. A thread that is switched out
+//!   inside a syscall (it blocked, or was preempted) has its slot moved into an LRU hash keyed by
+//!   thread id by a program on the `sched_switch` raw tracepoint, and its exit, on whichever CPU,
+//!   finds it there. Context switches inside syscalls are far rarer than syscalls;
 //! - latency goes into a per-CPU array row per syscall number (log2 slots plus a ns sum).
 //!
 //! Counts are written to one of two map generations chosen by [`SYSCALL_CONFIG`]; userspace
@@ -53,6 +56,9 @@ static SYSCALL_HIST: PerCpuArray<SyscallHistRow> =
     PerCpuArray::with_max_entries(SYSCALL_HIST_ROWS, 0);
 
 #[map]
+static SYSCALL_CUR: PerCpuArray<SyscallStart> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
 static SYSCALL_START: LruHashMap<u32, SyscallStart> =
     LruHashMap::with_max_entries(SYSCALL_START_MAX, 0);
 
@@ -77,6 +83,38 @@ pub fn syscalls_sys_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Raw tracepoint `sched_switch`: `current` is still the thread being switched out. If it is
+/// inside a syscall (its start sits in this CPU's slot), the start moves to [`SYSCALL_START`],
+/// so the exit finds it even on another CPU and the next thread here can use the slot. Takes
+/// no argument, so the tracepoint's prototype (which changed across kernels) does not matter.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn syscalls_sched_switch(_ctx: RawTracePointContext) -> i32 {
+    let Some(cur) = SYSCALL_CUR.get_ptr_mut(0) else {
+        return 0;
+    };
+    let (ts_ns, nr, tid) = unsafe { ((*cur).ts_ns, (*cur).nr, (*cur).tid) };
+    if ts_ns == 0 {
+        return 0;
+    }
+    unsafe { (*cur).ts_ns = 0 };
+    if tid != bpf_get_current_pid_tgid() as u32 {
+        // Left by a thread whose exit never came (exit_group, or entered before we attached).
+        return 0;
+    }
+    match SYSCALL_START.get_ptr_mut(&tid) {
+        Some(p) => unsafe {
+            (*p).ts_ns = ts_ns;
+            (*p).nr = nr;
+        },
+        // LRU: a full map evicts the least recently used thread instead of failing.
+        None => {
+            let v = SyscallStart { ts_ns, nr, tid };
+            let _ = SYSCALL_START.insert(&tid, &v, 0);
+        }
+    }
+    0
+}
+
 #[inline(always)]
 fn on_enter(ctx: &RawTracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -97,22 +135,14 @@ fn on_enter(ctx: &RawTracePointContext) {
         count(cfg.generation, &key, 1, 0);
     }
     // Last, so the measured latency leaves out our own bookkeeping.
-    let tid = pid_tgid as u32;
+    let Some(cur) = SYSCALL_CUR.get_ptr_mut(0) else {
+        return;
+    };
     let now = unsafe { bpf_ktime_get_ns() };
-    match SYSCALL_START.get_ptr_mut(&tid) {
-        Some(p) => unsafe {
-            (*p).ts_ns = now;
-            (*p).nr = nr;
-        },
-        // LRU: a full map evicts the least recently used thread instead of failing.
-        None => {
-            let v = SyscallStart {
-                ts_ns: now,
-                nr,
-                _pad: 0,
-            };
-            let _ = SYSCALL_START.insert(&tid, &v, 0);
-        }
+    unsafe {
+        (*cur).ts_ns = now;
+        (*cur).nr = nr;
+        (*cur).tid = pid_tgid as u32;
     }
 }
 
@@ -130,16 +160,9 @@ fn on_exit(ctx: &RawTracePointContext) {
     };
     let ret: i64 = ctx.arg(1);
     let tid = pid_tgid as u32;
-    // No live start slot: the thread entered before we attached, or is a new thread returning
-    // from clone (which its parent already counted). Without it we know no syscall number.
-    let Some(p) = SYSCALL_START.get_ptr_mut(&tid) else {
+    let Some((start, nr)) = take_start(tid) else {
         return;
     };
-    let (start, nr) = unsafe { ((*p).ts_ns, (*p).nr) };
-    if start == 0 {
-        return;
-    }
-    unsafe { (*p).ts_ns = 0 };
     if now >= start {
         record_latency(u64::from(nr), now - start);
     }
@@ -154,6 +177,31 @@ fn on_exit(ctx: &RawTracePointContext) {
     } else if failed {
         let key = SyscallKey { tgid, nr, errno: 0 };
         count(cfg.generation, &key, 0, 1);
+    }
+}
+
+/// The start of `tid`'s syscall, consumed: from this CPU's slot when the thread was not switched
+/// out since its entry, else from [`SYSCALL_START`]. None when the thread entered before we
+/// attached, or is a new thread returning from clone (which its parent already counted):
+/// without the start we know no syscall number.
+#[inline(always)]
+fn take_start(tid: u32) -> Option<(u64, u32)> {
+    let cur = SYSCALL_CUR.get_ptr_mut(0)?;
+    unsafe {
+        if (*cur).tid == tid && (*cur).ts_ns != 0 {
+            let start = ((*cur).ts_ns, (*cur).nr);
+            (*cur).ts_ns = 0;
+            return Some(start);
+        }
+    }
+    let p = SYSCALL_START.get_ptr_mut(&tid)?;
+    unsafe {
+        let start = ((*p).ts_ns, (*p).nr);
+        if start.0 == 0 {
+            return None;
+        }
+        (*p).ts_ns = 0;
+        Some(start)
     }
 }
 

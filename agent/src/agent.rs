@@ -230,6 +230,8 @@ async fn run_async(
         _pad: 0,
     };
     let mut ebpf = loader::load(transport, btf.as_ref(), &max_entries).map_err(|e| fatal(&e))?;
+    // The parsed kernel BTF takes ~10 MiB; a probe attached again later parses it anew.
+    drop(btf);
     loader::configure(&mut ebpf, agent_config).map_err(|e| fatal(&e))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -251,7 +253,7 @@ async fn run_async(
             comm_filter: args.syscalls_comm_filter.clone(),
         },
         object: ObjectParams {
-            btf,
+            btf: btf_source,
             max_entries,
             agent_config,
         },
@@ -283,6 +285,7 @@ async fn run_async(
         ));
     }
     log::info!("{caps_kept}");
+    release_freed_memory();
     if args.drop_caps {
         drop_load_caps(&uname.release)?;
         probes.sealed = true;
@@ -451,6 +454,17 @@ fn reload(running: &mut RunArgs) -> Option<RunArgs> {
     Some(new)
 }
 
+/// Hands the heap freed after loading (parsed BTF and object files, relocation buffers: several
+/// MiB) back to the kernel. glibc keeps freed heap pages mapped otherwise, and they would count
+/// in the agent's resident memory for its whole life. musl's allocator returns them itself.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator; no pointer is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// What attaching a probe needs besides the `Ebpf` object.
 struct ProbeCtx {
     meta: Arc<Metadata>,
@@ -472,7 +486,9 @@ struct ProbeCtx {
 
 /// What loading the eBPF object took.
 struct ObjectParams {
-    btf: Option<aya::Btf>,
+    /// Where the BTF came from: parsed again for a fresh copy (rare: a probe attached again),
+    /// rather than kept parsed in memory all the time.
+    btf: crate::compat::BtfSource,
     max_entries: Vec<(&'static str, u32)>,
     agent_config: agent_common::AgentConfig,
 }
@@ -540,11 +556,17 @@ impl LiveProbes {
         let mut fresh = None;
         if self.removed.contains(&kind) {
             let object = &ctx.object;
-            let mut copy = loader::load(ctx.transport, object.btf.as_ref(), &object.max_entries)
-                .map_err(|e| ProbeError::Unsupported {
-                    probe: kind.name(),
-                    reason: format!("loading a fresh copy of the eBPF object: {e}"),
+            let unsupported = |reason: String| ProbeError::Unsupported {
+                probe: kind.name(),
+                reason,
+            };
+            let btf = object.btf.load().map_err(unsupported)?;
+            let mut copy =
+                loader::load(ctx.transport, btf.as_ref(), &object.max_entries).map_err(|e| {
+                    unsupported(format!("loading a fresh copy of the eBPF object: {e}"))
                 })?;
+            drop(btf);
+            release_freed_memory();
             loader::configure(&mut copy, object.agent_config)?;
             ctx.loss.rebase(kind.name());
             fresh = Some(copy);

@@ -25,10 +25,23 @@ const CALLS: u32 = 1_500;
 
 #[test]
 fn bench_probe_counts_every_getppid_of_the_pid() {
+    exact_events(CALLS, 1);
+}
+
+/// `TANZHEN_BENCH_EVENTS_PER_CALL=4`: four events per call (500 x 4 = 2,000: still under one
+/// perf buffer).
+#[test]
+fn bench_probe_sends_several_events_per_call_when_asked() {
+    exact_events(500, 4);
+}
+
+/// A worker makes `calls` getppid calls; exactly `calls x per_call` events arrive, none from
+/// another process, none lost.
+fn exact_events(calls: u32, per_call: u32) {
     let w = Worker::spawn(
         &comm("tzbench"),
         Workload {
-            getppid: CALLS,
+            getppid: calls,
             ..Workload::default()
         },
     );
@@ -39,7 +52,10 @@ fn bench_probe_counts_every_getppid_of_the_pid() {
             ..Workload::default()
         },
     );
-    let mut agent = Agent::start(&["--probes", "bench", "--pid", &w.pid(), "--interval", "1s"]);
+    let mut agent = Agent::start_with_env(
+        &["--probes", "bench", "--pid", &w.pid(), "--interval", "1s"],
+        &[("TANZHEN_BENCH_EVENTS_PER_CALL", &per_call.to_string())],
+    );
     let before = agent.scrape();
     assert_eq!(
         events(&before),
@@ -49,17 +65,15 @@ fn bench_probe_counts_every_getppid_of_the_pid() {
     );
     o.go();
     w.go();
-    let m = wait_for(&agent, Duration::from_secs(30), |m| {
-        events(m) >= f64::from(CALLS)
-    });
+    let want = f64::from(calls * per_call);
+    let m = wait_for(&agent, Duration::from_secs(30), |m| events(m) >= want);
     // Late duplicates or the other worker's calls would show after one more moment.
     thread::sleep(Duration::from_millis(1_500));
     let after = agent.scrape();
     assert_eq!(
         events(&after),
-        f64::from(CALLS),
-        "events after {} getppid calls (first wait ended at {}):\n{}\n--- agent log ---\n{}",
-        CALLS,
+        want,
+        "events after {calls} getppid calls x {per_call} (first wait ended at {}):\n{}\n--- agent log ---\n{}",
         events(&m),
         after.0,
         agent.log_text()

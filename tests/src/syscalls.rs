@@ -90,7 +90,7 @@ fn getppid_and_openat_are_counted_exactly() {
             getppid: 10_000,
             open_missing: 1_000,
             open_existing: 500,
-            connect_port: None,
+            ..Workload::default()
         },
     );
     // Same workload in a process --pid leaves out.
@@ -180,6 +180,69 @@ fn getppid_and_openat_are_counted_exactly() {
     assert_eq!(lost(&after), 0.0, "nothing lost{}", ctx());
     assert_eq!(after.sum("tanzhen_probe_up", &[("probe", "syscalls")]), 1.0);
     crate::tcp::promtool_accepts(&after);
+    assert_eq!(
+        agent.stop(),
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        agent.log_text()
+    );
+}
+
+/// Latency of syscalls the thread leaves its CPU in: the start moves from the CPU's slot to the
+/// per-thread map at the switch, and the exit finds it on whichever CPU the thread returns.
+#[test]
+fn blocking_and_migrating_syscalls_keep_their_latency() {
+    crate::workload::require_cpus(2);
+    let name = comm("tzblk");
+    let w = Worker::spawn(
+        &name,
+        Workload {
+            sleeps: 300,
+            migrations: 300,
+            ..Workload::default()
+        },
+    );
+    let mut agent = Agent::start(&[
+        "--probes",
+        "syscalls",
+        "--pid",
+        &w.pid(),
+        "--interval",
+        "1s",
+    ]);
+    let before = agent.scrape();
+    w.go();
+    let after = settle(&agent, |m| {
+        hist_count(m, "nanosleep") - hist_count(&before, "nanosleep") >= 300.0
+            && hist_count(m, "sched_setaffinity") - hist_count(&before, "sched_setaffinity")
+                >= 300.0
+    });
+    let d = |f: &dyn Fn(&Metrics) -> f64| f(&after) - f(&before);
+    let ctx = || format!("\n--- scrape ---\n{}", after.0);
+    for syscall in ["nanosleep", "sched_setaffinity"] {
+        assert_eq!(
+            d(&|m| calls(m, &name, syscall)),
+            300.0,
+            "{syscall}{}",
+            ctx()
+        );
+        assert_eq!(
+            d(&|m| hist_count(m, syscall)),
+            300.0,
+            "{syscall} latency histogram count{}",
+            ctx()
+        );
+    }
+    // Every sleep lasts at least 100 µs: none may land in a bucket below 2^16 ns (65.5 µs),
+    // which a start taken from anything but its own entry could produce.
+    let short = d(&|m| {
+        m.sum(
+            "tanzhen_syscall_duration_seconds_bucket",
+            &[("syscall", "nanosleep"), ("le", "0.000065536")],
+        )
+    });
+    assert_eq!(short, 0.0, "nanosleep samples under 65.5 µs{}", ctx());
+    assert_eq!(lost(&after), 0.0, "nothing lost{}", ctx());
     assert_eq!(
         agent.stop(),
         Some(0),
@@ -282,7 +345,7 @@ fn full_count_map_is_counted_as_lost() {
             getppid: 1_000,
             open_missing: 1_000,
             open_existing: 500,
-            connect_port: None,
+            ..Workload::default()
         },
     );
     // Two keys per generation: the worker needs at least four (getppid, openat ok, openat

@@ -81,6 +81,12 @@ pub struct Workload {
     pub open_existing: u32,
     /// One TCP connect to this loopback port.
     pub connect_port: Option<u16>,
+    /// `nanosleep` calls of 100 µs each: every one blocks, so the thread is switched out
+    /// inside the syscall.
+    pub sleeps: u32,
+    /// `sched_setaffinity` calls alternating between CPUs 0 and 1: every one moves the thread
+    /// to the other CPU inside the syscall, so it returns on another CPU than it entered.
+    pub migrations: u32,
 }
 
 /// A forked child named `name`, waiting for [`Worker::go`].
@@ -104,6 +110,12 @@ impl Worker {
         )
         .unwrap();
         let (mut cmd, mut done) = ([0; 2], [0; 2]);
+        // SAFETY: CPU_SET writes into the zeroed sets, within their size.
+        let cpu_sets: [libc::cpu_set_t; 2] = std::array::from_fn(|cpu| unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            set
+        });
         // SAFETY: plain syscalls; after fork the child only makes async-signal-safe calls on
         // memory prepared before the fork, then `_exit`s.
         unsafe {
@@ -144,6 +156,29 @@ impl Worker {
                         libc::_exit(5);
                     }
                     libc::close(fd as libc::c_int);
+                }
+                let nap = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000,
+                };
+                for _ in 0..w.sleeps {
+                    libc::syscall(
+                        libc::SYS_nanosleep,
+                        &raw const nap,
+                        std::ptr::null_mut::<libc::timespec>(),
+                    );
+                }
+                for i in 0..w.migrations {
+                    let set = &cpu_sets[(i % 2) as usize];
+                    if libc::syscall(
+                        libc::SYS_sched_setaffinity,
+                        0,
+                        size_of::<libc::cpu_set_t>(),
+                        std::ptr::from_ref(set),
+                    ) != 0
+                    {
+                        libc::_exit(7);
+                    }
                 }
                 if let Some(port) = w.connect_port {
                     let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);

@@ -2,7 +2,9 @@
 //! probes`): attaches the raw `sys_enter` program that sends one 16-byte event per `getppid`
 //! call of the `--pid` process, and counts the events it drains in
 //! `tanzhen_bench_events_total`. `cargo xtask bench` drives it to find the highest event rate
-//! each transport drains with zero loss.
+//! each transport drains with zero loss. `TANZHEN_BENCH_EVENTS_PER_CALL=N` (1..=8, default 1)
+//! makes each call send N events, so one generator thread can offer more events per second
+//! than it can make calls.
 //!
 //! Drops feed `tanzhen_events_lost_total{probe="bench",reason}` (`ringbuf_full`, or `perf_lost`
 //! and `perf_output_error` on the perf transport); decoding stays minimal (a size check) so the
@@ -15,7 +17,7 @@ use std::sync::{
 
 use agent_common::bench::{
     BENCH_CONFIG, BENCH_EVENT_SIZE, BENCH_EVENTS, BENCH_LOST, BENCH_LOST_REASONS,
-    BENCH_LOST_RINGBUF_FULL, BenchConfig,
+    BENCH_LOST_RINGBUF_FULL, BENCH_MAX_EVENTS_PER_CALL, BenchConfig,
 };
 use aya::{
     Ebpf,
@@ -56,6 +58,23 @@ fn register(snapshot: &Snapshot) -> Arc<CounterVec> {
     c
 }
 
+/// `TANZHEN_BENCH_EVENTS_PER_CALL`, 1 when unset.
+fn events_per_call() -> Result<u32, ProbeError> {
+    const VAR: &str = "TANZHEN_BENCH_EVENTS_PER_CALL";
+    let Ok(v) = std::env::var(VAR) else {
+        return Ok(1);
+    };
+    v.parse()
+        .ok()
+        .filter(|n| (1..=BENCH_MAX_EVENTS_PER_CALL).contains(n))
+        .ok_or_else(|| ProbeError::Unsupported {
+            probe: PROBE,
+            reason: format!(
+                "{VAR}={v:?} is not a number of events per call from 1 to {BENCH_MAX_EVENTS_PER_CALL}"
+            ),
+        })
+}
+
 /// The attached bench probe, ready to drain.
 pub struct BenchProbe {
     events: EventReader,
@@ -75,7 +94,15 @@ impl BenchProbe {
     ) -> Result<Self, ProbeError> {
         let mut cfg: Array<MapData, BenchConfig> = take(ebpf, BENCH_CONFIG)?;
         let nr = u32::try_from(libc::SYS_getppid).unwrap_or(u32::MAX);
-        cfg.set(0, BenchConfig { nr, _pad: 0 }, 0)?;
+        let events_per_call = events_per_call()?;
+        cfg.set(
+            0,
+            BenchConfig {
+                nr,
+                events_per_call,
+            },
+            0,
+        )?;
         // Readers first: a perf event array has no buffer for a CPU until it is opened.
         let events = EventReader::open(ebpf, BENCH_EVENTS, transport)?;
         let prog: &mut RawTracePoint = ebpf

@@ -43,8 +43,9 @@ use crate::{
 const PROBE: &str = "syscalls";
 const ENTER: &str = "syscalls_sys_enter";
 const EXIT: &str = "syscalls_sys_exit";
+const SWITCH: &str = "syscalls_sched_switch";
 /// The kernel programs of this probe (raw tracepoints).
-pub const PROGRAMS: &[&str] = &[ENTER, EXIT];
+pub const PROGRAMS: &[&str] = &[ENTER, EXIT, SWITCH];
 
 /// How long to wait after flipping the generation before reading the idle one: programs that
 /// read the old generation number are then long finished (they run for well under a µs, with
@@ -283,8 +284,13 @@ impl SyscallsProbe {
         let hist = take(ebpf, SYSCALL_HIST)?;
         let lost = take(ebpf, SYSCALL_LOST)?;
         // Exit first: an exit without its entry is ignored, while entries without exits
-        // would leave start slots set.
-        for (prog, name) in [(EXIT, "sys_exit"), (ENTER, "sys_enter")] {
+        // would leave start slots set; the switch before the entry, so a start never stays in
+        // a CPU's slot while its thread runs elsewhere.
+        for (prog, name) in [
+            (EXIT, "sys_exit"),
+            (SWITCH, "sched_switch"),
+            (ENTER, "sys_enter"),
+        ] {
             let p: &mut RawTracePoint = ebpf
                 .program_mut(prog)
                 .ok_or(ProbeError::MissingProgram(prog))?

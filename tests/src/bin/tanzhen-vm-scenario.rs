@@ -46,6 +46,9 @@ const WORK: Workload = Workload {
     open_missing: 200,
     open_existing: 100,
     connect_port: None,
+    sleeps: 0,
+    // Each returns on the other CPU: the syscall start must follow the thread.
+    migrations: 100,
 };
 /// Pipe ping-pong round trips.
 const ROUND_TRIPS: usize = 2_000;
@@ -220,18 +223,22 @@ fn syscalls(agent: &Agent) -> String {
             &[("comm", &name), ("result", r)],
         )
     };
-    let hist = |m: &Metrics| {
+    let hist_of = |m: &Metrics, syscall: &str| {
         m.sum(
             "tanzhen_syscall_duration_seconds_count",
-            &[("syscall", "getppid")],
+            &[("syscall", syscall)],
         )
     };
+    let hist = |m: &Metrics| hist_of(m, "getppid");
+    let migrate = |m: &Metrics| hist_of(m, "sched_setaffinity");
+    let migrations = f64::from(WORK.migrations);
     let getppid = f64::from(WORK.getppid);
     let openat = f64::from(WORK.open_missing + WORK.open_existing);
     let after = settle(agent, |m| {
         calls(m, "getppid") - calls(&before, "getppid") >= getppid
             && calls(m, "openat") - calls(&before, "openat") >= openat
             && hist(m) - hist(&before) >= getppid
+            && migrate(m) - migrate(&before) >= migrations
     });
     drop(w);
     let d = |f: &dyn Fn(&Metrics) -> f64| f(&after) - f(&before);
@@ -255,6 +262,19 @@ fn syscalls(agent: &Agent) -> String {
         d(&hist),
         getppid,
         "getppid latency histogram count{}",
+        ctx()
+    );
+    // Nor sched_setaffinity, whose calls all return on another CPU than they entered.
+    assert_eq!(
+        d(&|m| calls(m, "sched_setaffinity")),
+        migrations,
+        "sched_setaffinity{}",
+        ctx()
+    );
+    assert_eq!(
+        d(&migrate),
+        migrations,
+        "sched_setaffinity latency histogram count{}",
         ctx()
     );
     assert_eq!(lost(&after, "syscalls"), 0.0, "events lost{}", ctx());
