@@ -49,11 +49,39 @@ pub struct TcpTpOffsets {
     pub daddr: u32,
     pub saddr_v6: u32,
     pub daddr_v6: u32,
-    /// 1 once userspace has filled the entry; the program ignores records until then.
+    /// [`TCP_TP_READY`] or [`TCP_TP_READY_KNOWN`] once userspace has filled the entry; the
+    /// program ignores records until then.
     pub ready: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for TcpTpOffsets {}
+
+/// [`TcpTpOffsets::ready`]: filled; the program reads each field with `bpf_probe_read` at its
+/// offset.
+pub const TCP_TP_READY: u32 = 1;
+/// [`TcpTpOffsets::ready`]: filled, and every offset is that of [`TcpTpOffsets::KNOWN`]: the
+/// program reads the fields with plain loads at those constant offsets (the verifier accepts
+/// constant-offset reads of a tracepoint record on every kernel), no helper call per field.
+pub const TCP_TP_READY_KNOWN: u32 = 2;
+
+impl TcpTpOffsets {
+    /// The record layout of `sock:inet_sock_set_state` since `family` and a 16-bit `protocol`
+    /// were added (Debian's 5.10, 6.1 and 6.18 kernels all have it).
+    pub const KNOWN: Self = Self {
+        skaddr: 8,
+        oldstate: 16,
+        newstate: 20,
+        sport: 24,
+        dport: 26,
+        family: 28,
+        protocol: 30,
+        saddr: 32,
+        daddr: 36,
+        saddr_v6: 40,
+        daddr_v6: 56,
+        ready: TCP_TP_READY_KNOWN,
+    };
+}
 
 /// `Array<TcpSockOffsets>` with one entry: `struct sock_common` offsets for the kprobe path.
 pub const TCP_SOCK_OFFSETS: &str = "TCP_SOCK_OFFSETS";

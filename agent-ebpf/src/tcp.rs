@@ -9,8 +9,9 @@
 //! - CLOSE -> LISTEN runs in the listening task: remember it by port, so that
 //!   SYN_RECV -> ESTABLISHED (softirq) can name the process that accepts.
 //!
-//! Field offsets come from tracefs through [`TCP_TP_OFFSETS`]; every drop is counted in
-//! [`TCP_LOST`].
+//! Field offsets come from tracefs through [`TCP_TP_OFFSETS`]; when they are the known layout
+//! of current kernels, fields are plain loads at constant offsets (no `bpf_probe_read` per
+//! field: this program runs on every TCP state change). Every drop is counted in [`TCP_LOST`].
 
 use crate::{
     field::{self, read},
@@ -22,8 +23,8 @@ use agent_common::{
         AF_INET, AF_INET6, IPPROTO_TCP, TCP_CLOSE, TCP_CONNECTS_MAX, TCP_ESTABLISHED,
         TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED, TCP_EVENT_CONNECT_FAILED,
         TCP_EVENTS_BYTES, TCP_LISTEN, TCP_LISTENERS_MAX, TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR,
-        TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL, TCP_SYN_RECV, TCP_SYN_SENT, TcpConnectStart,
-        TcpEvent, TcpListener, TcpTpOffsets,
+        TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TP_READY_KNOWN,
+        TcpConnectStart, TcpEvent, TcpListener, TcpTpOffsets,
     },
 };
 use aya_ebpf::{
@@ -71,13 +72,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if off.ready == 0 {
         return Ok(());
     }
-    let protocol: u16 = read(ctx, off.protocol)?;
+    let protocol: u16 = field(ctx, off, off.protocol, K.protocol)?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let oldstate: i32 = read(ctx, off.oldstate)?;
-    let newstate: i32 = read(ctx, off.newstate)?;
-    let skaddr: u64 = read(ctx, off.skaddr)?;
+    let oldstate: i32 = field(ctx, off, off.oldstate, K.oldstate)?;
+    let newstate: i32 = field(ctx, off, off.newstate, K.newstate)?;
+    let skaddr: u64 = field(ctx, off, off.skaddr, K.skaddr)?;
 
     match (oldstate, newstate) {
         (TCP_CLOSE, TCP_SYN_SENT) => on_connect_start(skaddr),
@@ -89,6 +90,27 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         (TCP_LISTEN, TCP_CLOSE) => on_unlisten(ctx, off, skaddr),
         (TCP_SYN_RECV, TCP_ESTABLISHED) => on_accept(ctx, off),
         _ => Ok(()),
+    }
+}
+
+/// The known layout's offsets (constants the program is compiled with).
+const K: TcpTpOffsets = TcpTpOffsets::KNOWN;
+
+/// A record field: a plain load at `known` (a constant) when the kernel has the known layout,
+/// else `bpf_probe_read` at the tracefs offset `offset`.
+#[inline(always)]
+fn field<T: Copy>(
+    ctx: &TracePointContext,
+    off: &TcpTpOffsets,
+    offset: u32,
+    known: u32,
+) -> Result<T, i64> {
+    if off.ready == TCP_TP_READY_KNOWN {
+        // SAFETY: a constant offset inside the record (the verifier checks it), naturally
+        // aligned for T in the known layout.
+        Ok(unsafe { ctx.as_ptr().cast::<u8>().add(known as usize).cast::<T>().read() })
+    } else {
+        read(ctx, offset)
     }
 }
 
@@ -145,7 +167,7 @@ fn on_listen(ctx: &TracePointContext, off: &TcpTpOffsets, skaddr: u64) -> Result
     if !crate::config::tgid_allowed(tgid) {
         return Ok(());
     }
-    let sport: u16 = read(ctx, off.sport)?;
+    let sport: u16 = field(ctx, off, off.sport, K.sport)?;
     let listener = TcpListener {
         skaddr,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -164,7 +186,7 @@ fn on_listen(ctx: &TracePointContext, off: &TcpTpOffsets, skaddr: u64) -> Result
 
 #[inline(always)]
 fn on_unlisten(ctx: &TracePointContext, off: &TcpTpOffsets, skaddr: u64) -> Result<(), i64> {
-    let sport = u32::from(read::<u16>(ctx, off.sport)?);
+    let sport = u32::from(field::<u16>(ctx, off, off.sport, K.sport)?);
     // Only the socket that registered the port may remove it (SO_REUSEPORT siblings stay);
     // entries seeded from /proc at start-up (skaddr 0) go with any socket on their port.
     if let Some(l) = unsafe { TCP_LISTENERS.get(&sport) }
@@ -177,7 +199,7 @@ fn on_unlisten(ctx: &TracePointContext, off: &TcpTpOffsets, skaddr: u64) -> Resu
 
 #[inline(always)]
 fn on_accept(ctx: &TracePointContext, off: &TcpTpOffsets) -> Result<(), i64> {
-    let sport = u32::from(read::<u16>(ctx, off.sport)?);
+    let sport = u32::from(field::<u16>(ctx, off, off.sport, K.sport)?);
     let now = unsafe { bpf_ktime_get_ns() };
     match unsafe { TCP_LISTENERS.get(&sport) } {
         // Listeners seeded from /proc at start-up are every process's: honour --pid here.
@@ -228,15 +250,15 @@ fn emit(
     pid: u32,
     comm: &[u8; COMM_LEN],
 ) -> Result<(), i64> {
-    let family: u16 = read(ctx, off.family)?;
+    let family: u16 = field(ctx, off, off.family, K.family)?;
     let (saddr, daddr) = if family == AF_INET6 {
         (
-            read::<[u8; 16]>(ctx, off.saddr_v6)?,
-            read::<[u8; 16]>(ctx, off.daddr_v6)?,
+            field::<[u8; 16]>(ctx, off, off.saddr_v6, K.saddr_v6)?,
+            field::<[u8; 16]>(ctx, off, off.daddr_v6, K.daddr_v6)?,
         )
     } else if family == AF_INET {
-        let s: [u8; 4] = read(ctx, off.saddr)?;
-        let d: [u8; 4] = read(ctx, off.daddr)?;
+        let s: [u8; 4] = field(ctx, off, off.saddr, K.saddr)?;
+        let d: [u8; 4] = field(ctx, off, off.daddr, K.daddr)?;
         (
             [s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             [d[0], d[1], d[2], d[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -246,8 +268,8 @@ fn emit(
     };
     let a = Addrs {
         family,
-        sport: read(ctx, off.sport)?,
-        dport: read(ctx, off.dport)?,
+        sport: field(ctx, off, off.sport, K.sport)?,
+        dport: field(ctx, off, off.dport, K.dport)?,
         saddr,
         daddr,
     };

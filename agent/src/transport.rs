@@ -100,10 +100,17 @@ enum Inner {
     Perf(Vec<AsyncFd<PerfEventArrayBuffer<MapData>>>),
 }
 
+/// How often a ring buffer is read even without a wake-up: the programs wake the reader only
+/// once a quarter of the ring is pending (see agent-ebpf's transport_ringbuf.rs), so this bounds
+/// how late an event is seen when few arrive.
+pub const RING_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Reads the records of one event map (`TCP_EVENTS`, `SCHED_EVENTS`) over either transport.
 pub struct EventReader {
     inner: Inner,
     lost: Arc<AtomicU64>,
+    /// Ring buffer only: the [`RING_POLL_INTERVAL`] timer.
+    tick: Option<tokio::time::Interval>,
 }
 
 impl EventReader {
@@ -141,9 +148,15 @@ impl EventReader {
                 Inner::Perf(bufs)
             }
         };
+        let tick = matches!(inner, Inner::Ring(_)).then(|| {
+            let mut t = tokio::time::interval(RING_POLL_INTERVAL);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         Ok(Self {
             inner,
             lost: Arc::default(),
+            tick,
         })
     }
 
@@ -154,24 +167,34 @@ impl EventReader {
         self.lost.clone()
     }
 
-    /// Waits until a buffer has records, then hands every available record to `f`.
+    /// Waits until a buffer has records (woken by the kernel, or on the ring buffer's
+    /// [`RING_POLL_INTERVAL`] tick), then hands every available record to `f`.
     /// Cancel-safe: all the work happens inside one poll.
     pub async fn read(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) -> io::Result<()> {
-        let Self { inner, lost } = self;
+        let Self { inner, lost, tick } = self;
         poll_fn(|cx| {
             let mut any = false;
             match inner {
-                Inner::Ring(fd) => loop {
-                    match fd.poll_read_ready_mut(cx) {
-                        Poll::Ready(Ok(mut guard)) => {
-                            drain_ring(guard.get_inner_mut(), f);
-                            guard.clear_ready();
-                            any = true;
+                Inner::Ring(fd) => {
+                    loop {
+                        match fd.poll_read_ready_mut(cx) {
+                            Poll::Ready(Ok(mut guard)) => {
+                                drain_ring(guard.get_inner_mut(), f);
+                                guard.clear_ready();
+                                any = true;
+                            }
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => break,
                         }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => break,
                     }
-                },
+                    // Records submitted without a wake-up; polling the tick until Pending
+                    // also registers the waker for the next one.
+                    if let Some(tick) = tick {
+                        while tick.poll_tick(cx).is_ready() {
+                            any |= drain_ring(fd.get_mut(), f) > 0;
+                        }
+                    }
+                }
                 Inner::Perf(fds) => {
                     for fd in fds.iter_mut() {
                         loop {
@@ -200,7 +223,9 @@ impl EventReader {
     /// Hands every record still buffered to `f` without waiting (the flush at detach).
     pub fn drain(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) {
         match &mut self.inner {
-            Inner::Ring(fd) => drain_ring(fd.get_mut(), f),
+            Inner::Ring(fd) => {
+                drain_ring(fd.get_mut(), f);
+            }
             Inner::Perf(fds) => {
                 for fd in fds {
                     drain_perf(fd.get_mut(), &self.lost, f);
@@ -210,10 +235,14 @@ impl EventReader {
     }
 }
 
-fn drain_ring(ring: &mut RingBuf<MapData>, f: &mut (dyn FnMut(&[u8]) + Send)) {
+/// Hands every available record to `f`; returns how many there were.
+fn drain_ring(ring: &mut RingBuf<MapData>, f: &mut (dyn FnMut(&[u8]) + Send)) -> usize {
+    let mut n = 0;
     while let Some(item) = ring.next() {
         f(&item);
+        n += 1;
     }
+    n
 }
 
 fn drain_perf(

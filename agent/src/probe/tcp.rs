@@ -21,7 +21,8 @@ use agent_common::{
         AF_INET6, FIELD_ABSENT, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
         TCP_EVENT_CONNECT_FAILED, TCP_EVENT_SIZE, TCP_EVENTS, TCP_LISTENERS, TCP_LOST,
         TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL,
-        TCP_SOCK_OFFSETS, TCP_TP_OFFSETS, TcpEvent, TcpListener, TcpSockOffsets, TcpTpOffsets,
+        TCP_SOCK_OFFSETS, TCP_TP_OFFSETS, TCP_TP_READY, TCP_TP_READY_KNOWN, TcpEvent, TcpListener,
+        TcpSockOffsets, TcpTpOffsets,
     },
 };
 use aya::{
@@ -139,7 +140,7 @@ pub fn offsets(f: &Format) -> Result<TcpTpOffsets, ProbeError> {
             ),
         })
     };
-    Ok(TcpTpOffsets {
+    let parsed = TcpTpOffsets {
         skaddr: need("skaddr", 8)?,
         oldstate: need("oldstate", 4)?,
         newstate: need("newstate", 4)?,
@@ -151,8 +152,13 @@ pub fn offsets(f: &Format) -> Result<TcpTpOffsets, ProbeError> {
         daddr: need("daddr", 4)?,
         saddr_v6: need("saddr_v6", 16)?,
         daddr_v6: need("daddr_v6", 16)?,
-        ready: 1,
-    })
+        ready: TCP_TP_READY,
+    };
+    let known = TcpTpOffsets {
+        ready: TCP_TP_READY_KNOWN,
+        ..parsed
+    } == TcpTpOffsets::KNOWN;
+    Ok(if known { TcpTpOffsets::KNOWN } else { parsed })
 }
 
 /// Why an event record could not be decoded.
@@ -427,10 +433,27 @@ impl TcpProbe {
     }
 }
 
+/// Testing only: set, the tracepoint program reads its fields through tracefs offsets even on
+/// a kernel with the known layout.
+pub const READ_BY_OFFSET_ENV: &str = "TANZHEN_TEST_TCP_READ_BY_OFFSET";
+
 /// Loads and attaches the tracepoint program, with the record layout from tracefs.
 fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> {
     let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
-    let off = offsets(&format)?;
+    let mut off = offsets(&format)?;
+    // Testing only: take the path of kernels with another record layout (the e2e suite's
+    // old-kernel pass sets it).
+    if std::env::var_os(READ_BY_OFFSET_ENV).is_some() {
+        off.ready = TCP_TP_READY;
+    }
+    log::debug!(
+        "sock:inet_sock_set_state fields read {}",
+        if off.ready == TCP_TP_READY_KNOWN {
+            "as plain loads (known layout)"
+        } else {
+            "through bpf_probe_read at the tracefs offsets"
+        }
+    );
     if off.family == FIELD_ABSENT {
         log::warn!(
             "sock:inet_sock_set_state has no `family` field: IPv6 connects are not told apart yet"
@@ -700,9 +723,39 @@ field:__u8 daddr_v6[16];\toffset:54;\tsize:16;\tsigned:0;";
         let off = offsets(&kernel::parse_format(text).unwrap()).unwrap();
         assert_eq!(off.family, FIELD_ABSENT);
         assert_eq!(off.daddr_v6, 54);
-        assert_eq!(off.ready, 1);
+        assert_eq!(
+            off.ready, TCP_TP_READY,
+            "an older layout: read through offsets"
+        );
         let without_sport = text.replace("sport", "xport");
         let e = offsets(&kernel::parse_format(&without_sport).unwrap()).unwrap_err();
         assert!(e.to_string().contains("`sport`"), "{e}");
+    }
+
+    /// Debian's 5.10 kernel (committed sample) and this machine's kernel have the known layout,
+    /// which the program reads with plain loads.
+    #[test]
+    fn known_layout_is_recognised() {
+        let sample = include_str!("testdata/5.10/events/sock/inet_sock_set_state/format");
+        let off = offsets(&kernel::parse_format(sample).unwrap()).unwrap();
+        assert_eq!(off, TcpTpOffsets::KNOWN);
+        let here =
+            std::fs::read_to_string("/sys/kernel/tracing/events/sock/inet_sock_set_state/format")
+                .or_else(|_| {
+                    std::fs::read_to_string(
+                        "/sys/kernel/debug/tracing/events/sock/inet_sock_set_state/format",
+                    )
+                });
+        if let Ok(text) = here {
+            let off = offsets(&kernel::parse_format(&text).unwrap()).unwrap();
+            assert_eq!(
+                off.ready, TCP_TP_READY_KNOWN,
+                "this kernel's layout:\n{text}"
+            );
+        }
+        // One field elsewhere: back to offsets.
+        let moved = sample.replace("offset:24;", "offset:25;");
+        let off = offsets(&kernel::parse_format(&moved).unwrap()).unwrap();
+        assert_eq!(off.ready, TCP_TP_READY);
     }
 }
