@@ -267,7 +267,12 @@ fn step_once(
     let (e0, l0) = read_counts(addr)?;
     let cpu0 = cpu_seconds(agent_pid);
     let t0 = Instant::now();
-    let (calls, elapsed) = g.run(rate / u64::from(per_call), dur)?;
+    let call_rate = if rate == u64::MAX {
+        rate
+    } else {
+        rate / u64::from(per_call)
+    };
+    let (calls, elapsed) = g.run(call_rate, dur)?;
     let expected = calls * u64::from(per_call);
     let deadline = Instant::now() + Duration::from_secs(5);
     let (mut e, mut l) = read_counts(addr)?;
