@@ -1,7 +1,8 @@
-//! Entry points of the cargo-fuzz targets (fuzz/fuzz_targets/*.rs): each feeds arbitrary bytes
+//! Entry points of the libFuzzer targets (fuzz/fuzz_targets/*.rs): each feeds arbitrary bytes
 //! to one parser of outside input and panics only when the parser panics or breaks one of its
-//! promises (one-line errors, no header values in what may be logged). Compiled only under
-//! cargo-fuzz (`cfg(fuzzing)`), by the fuzz crate, which builds these sources as a library.
+//! promises (one-line errors, no header values in what may be logged). Compiled only with
+//! `cfg(fuzzing)` (set by `cargo xtask fuzz` and cargo-fuzz), by the fuzz crate, which builds
+//! these sources as a library.
 //! The property tests in hostile.rs cover the same parsers in `cargo test`.
 
 use crate::{
@@ -122,7 +123,7 @@ pub fn tcp_event(data: &[u8]) {
     if let Ok(ev) = tcp::decode(data) {
         let _ = tcp::peer(&ev);
         let _ = tcp::comm_str(&ev.comm);
-        metrics.record(&ev);
+        metrics.record(&ev, &crate::metadata::WorkloadLabels::default());
     }
 }
 

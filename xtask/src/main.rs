@@ -75,8 +75,9 @@ enum Task {
     },
     /// Regenerate deploy/grafana/dashboards-configmap.yaml from dashboards/*.json.
     Dashboards,
-    /// The long soak (root): all probes, 50,000 short-lived processes with random names and
-    /// 100,000 connects to random local ports (the e2e suite runs a short variant).
+    /// Only the soak test (root; tests/src/soak.rs): all probes, 50,000 short-lived processes
+    /// with random names and 100,000 connects to random local ports, as in the e2e suite (~1
+    /// min); raise the numbers for a longer soak.
     Soak {
         /// Short-lived processes to churn.
         #[arg(long, default_value_t = 50_000)]
@@ -85,20 +86,26 @@ enum Task {
         #[arg(long, default_value_t = 100_000)]
         connects: u32,
     },
-    /// Run the cargo-fuzz targets of fuzz/ (the parsers of outside input), each for the given
-    /// time, with the nightly toolchain (installs cargo-fuzz into the tools cache once).
+    /// Fuzz the parsers of outside input (the libFuzzer targets of fuzz/) on the stable
+    /// toolchain: build them coverage-instrumented into <target>/fuzz (the first build takes a
+    /// few minutes), then run each for the given time, as many at once as there are cores.
+    /// Corpora grow in fuzz/corpus/; a crash fails with its input's path under fuzz/artifacts/.
+    /// `cargo xtask test` runs every target for 20 s.
     Fuzz {
         /// Seconds per target.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 300)]
         seconds: u32,
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
-    /// Set up, then run every test: unit tests, then the privileged end-to-end tests against
-    /// the real kernel (needs root).
+    /// Set up, then run every test: unit tests, each fuzz target for 20 s, then the privileged
+    /// end-to-end tests against the real kernel (needs root).
     Test {
-        /// Only run tests whose name contains this string.
+        /// Only run tests whose name contains this string (no fuzzing, no VM tests).
         filter: Option<String>,
+        /// Skip the fuzz step (`cargo xtask fuzz --seconds 20`).
+        #[arg(long)]
+        no_fuzz: bool,
         /// Skip the VM tests (`cargo xtask vm-test`) that otherwise run after the host's.
         #[arg(long)]
         no_vm: bool,
@@ -192,9 +199,13 @@ fn main() -> anyhow::Result<()> {
             run(&mut cmd)
         }
         Task::GenSyscalls { debs } => gen_syscalls::run(&root, debs),
-        Task::Test { filter, no_vm } => {
+        Task::Test {
+            filter,
+            no_fuzz,
+            no_vm,
+        } => {
             setup::all()?;
-            test(&root, filter.as_deref())?;
+            test(&root, filter.as_deref(), !no_fuzz && filter.is_none())?;
             if no_vm || filter.is_some() {
                 return Ok(());
             }
@@ -240,7 +251,7 @@ const COMPAT_TESTS: &[&str] = &[
     "config::sighup_attaches_and_detaches_probes_keeping_counters",
 ];
 
-fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
+fn test(root: &Path, filter: Option<&str>, fuzz: bool) -> anyhow::Result<()> {
     build(root, false)?;
     step("unit tests (agent, agent-common, xtask)");
     let mut cmd = cargo(root);
@@ -257,6 +268,10 @@ fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
         cmd.args(["--", f]);
     }
     run(&mut cmd)?;
+
+    if fuzz {
+        fuzz::fuzz(root, fuzz::SMOKE_SECONDS, &[])?;
+    }
 
     if !setup::is_root() {
         bail!(
