@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: everything a fresh Debian 12 machine needs to build and test tanzhen.
 //!
-//! 1. Debian packages (promtool from `prometheus`, tmux), installed with apt-get when missing.
+//! 1. Debian packages (promtool from `prometheus`, tmux, libbpf-tools), installed with apt-get
+//!    when missing.
 //! 2. The nightly toolchain's rust-src (the eBPF object is built with `-Z build-std=core`).
 //! 3. bpf-linker 0.13 linked against nightly's own libLLVM, built once per nightly into
 //!    `$TANZHEN_CACHE_DIR` (default `~/.cache/tanzhen`) and exposed as `<cache>/bin/bpf-linker`,
@@ -21,10 +22,13 @@ const EBPF_TOOLCHAIN: &str = "nightly";
 /// bpf-linker release line tanzhen is built and tested with.
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Debian packages: (package, a file it installs that proves it is there).
-/// tmux runs `tanzhen watch` and `tanzhen top` under a pseudo-terminal in the e2e tests.
+/// tmux runs `tanzhen watch` and `tanzhen top` under a pseudo-terminal in the e2e tests;
+/// libbpf-tools' `runqlat` is the reference the sched e2e test cross-checks against (and, with
+/// its siblings, the peer `cargo xtask bench` measures).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/promtool"),
     ("tmux", "/usr/bin/tmux"),
+    ("libbpf-tools", "/usr/sbin/runqlat"),
 ];
 
 /// Static (musl) builds with the `tls` feature: C compilers for ring (see dist.rs `MUSL_CC`).
