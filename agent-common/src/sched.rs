@@ -25,7 +25,8 @@ pub const SCHED_EVENTS: &str = "SCHED_EVENTS";
 /// `PerCpuArray<u64>` indexed by `SCHED_LOST_*`.
 pub const SCHED_LOST: &str = "SCHED_LOST";
 
-/// Capacity of [`SCHED_RUNQ_START`]: threads that are runnable or were seen since attach.
+/// Capacity of [`SCHED_RUNQ_START`]: live threads seen since attach (an exiting thread's entry
+/// goes at its last switch-out).
 pub const SCHED_RUNQ_START_MAX: u32 = 32_768;
 /// Capacity of [`SCHED_RUNQ_HIST`]: distinct (cgroup, comm) pairs per drain interval (two epochs).
 pub const SCHED_RUNQ_HIST_MAX: u32 = 4_096;
@@ -48,6 +49,11 @@ pub const SCHED_LOST_REASONS: u32 = 3;
 /// preempted (the tracepoint reports `TASK_REPORT_MAX`, 0x100, printed `R+`) or switched out
 /// while `TASK_RUNNING` (printed `R`). The kernel counts both as involuntary (`nivcsw`).
 pub const SLEEP_STATE_MASK: u32 = 0xff;
+
+/// The bits of `sched_switch.prev_state` that name an exiting task (`X` = `EXIT_DEAD` 0x10,
+/// `Z` = `EXIT_ZOMBIE` 0x20, kernels >= 4.14): its last switch-out (or a wait on its way out,
+/// which a wakeup then records afresh), so its run-queue state is dropped rather than kept.
+pub const DEAD_STATE_MASK: u32 = 0x30;
 
 /// Byte offsets (and the one size that varies) of the sched tracepoint fields, parsed from
 /// tracefs at start-up, plus the drain epoch. Rust eBPF cannot use CO-RE relocations.
@@ -74,6 +80,8 @@ pub struct SchedConfig {
     pub exec_filename: u32,
     /// [`SLEEP_STATE_MASK`], from userspace so the program carries no kernel constant.
     pub sleep_state_mask: u32,
+    /// [`DEAD_STATE_MASK`], likewise.
+    pub dead_state_mask: u32,
     /// Current drain epoch, copied into every aggregation key.
     pub epoch: u32,
     /// 1 once userspace has filled the entry; the programs ignore records until then.
@@ -81,7 +89,7 @@ pub struct SchedConfig {
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SchedConfig {}
-const _: () = assert!(core::mem::size_of::<SchedConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<SchedConfig>() == 52);
 
 /// Key of [`SCHED_SWITCHES`]: epoch and the comm of the task switched out.
 #[repr(C)]

@@ -11,7 +11,8 @@
 //! - Context switches are counted by prev's comm: voluntary when prev was sleeping, involuntary
 //!   when it was still runnable, which is how the kernel counts `nvcsw`/`nivcsw`.
 //! - `sched_process_exec` / `sched_process_exit` (leader only) go to userspace through the ring
-//!   buffer; every thread exit drops the thread's run-queue state.
+//!   buffer; every thread exit drops the thread's run-queue state, and so does its last
+//!   switch-out (`prev_state` X or Z), which would otherwise record it again.
 //!
 //! Aggregation maps are keyed by the drain epoch (see agent-common's sched.rs); every failed
 //! insert or reserve is counted in [`SCHED_LOST`].
@@ -184,10 +185,17 @@ fn try_switch(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
     };
     count_switch(&key, runnable);
 
-    // A preempted prev goes straight back to the run queue; a sleeping one waits for its
-    // wakeup. Either way its cgroup (current is still prev) is kept for its next switch-in.
-    let prev_cgroup = unsafe { bpf_get_current_cgroup_id() };
-    enqueue(prev_pid, runnable.then_some(now), Some(prev_cgroup));
+    if prev_state & u64::from(cfg.dead_state_mask) != 0 {
+        // An exiting thread's last switch-out (sched_process_exit removed its entry already):
+        // recording its cgroup here would recreate the entry, and the map would fill with the
+        // dead. Should it still wait for something on its way out, the wakeup records it anew.
+        let _ = SCHED_RUNQ_START.remove(&prev_pid);
+    } else {
+        // A preempted prev goes straight back to the run queue; a sleeping one waits for its
+        // wakeup. Either way its cgroup (current is still prev) is kept for its next switch-in.
+        let prev_cgroup = unsafe { bpf_get_current_cgroup_id() };
+        enqueue(prev_pid, runnable.then_some(now), Some(prev_cgroup));
+    }
 
     // Run-queue latency of next.
     let next_pid: u32 = read(ctx, cfg.switch_next_pid)?;

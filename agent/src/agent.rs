@@ -190,6 +190,9 @@ async fn run_async(
             vec![(SYSCALL_COUNTS_0, n), (SYSCALL_COUNTS_1, n)]
         })
         .unwrap_or_default();
+    if let Some(n) = args.sched_start_entries {
+        max_entries.push((agent_common::sched::SCHED_RUNQ_START, n));
+    }
     let transport = args
         .compat
         .transport

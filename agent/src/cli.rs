@@ -139,6 +139,11 @@ pub struct RunArgs {
     #[arg(long, env = "TANZHEN_SYSCALLS_MAP_ENTRIES", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
     pub syscalls_map_entries: Option<u32>,
 
+    /// Testing only: capacity of the kernel's per-thread run-queue state map (default 32768),
+    /// to check that exited threads leave no state behind.
+    #[arg(long, env = "TANZHEN_SCHED_START_ENTRIES", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sched_start_entries: Option<u32>,
+
     /// Capacity of each in-memory ring of recent events served by /api/v1/events (tcp, exec,
     /// exit): the oldest event goes when a new one arrives.
     #[arg(long, env = "TANZHEN_EVENT_BUFFER_SIZE", default_value_t = crate::live::DEFAULT_EVENT_BUFFER, value_parser = parse_buffer_size)]
@@ -380,6 +385,7 @@ mod tests {
         assert_eq!(r.interval, Duration::from_secs(5));
         assert!(r.pid.is_none() && r.syscalls_comm_filter.is_none());
         assert!(r.syscalls_map_entries.is_none());
+        assert!(r.sched_start_entries.is_none());
     }
 
     #[test]

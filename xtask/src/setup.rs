@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: everything a fresh Debian 12 machine needs to build and test tanzhen.
 //!
-//! 1. Debian packages (promtool from `prometheus`, tmux, g++), installed with apt-get when missing.
+//! 1. Debian packages (promtool from `prometheus`, tmux, g++, libbpf-tools), installed with
+//!    apt-get when missing.
 //! 2. The nightly toolchain's rust-src (the eBPF object is built with `-Z build-std=core`).
 //! 3. bpf-linker 0.13 linked against nightly's own libLLVM, built once per nightly into
 //!    `$TANZHEN_CACHE_DIR` (default `~/.cache/tanzhen`) and exposed as `<cache>/bin/bpf-linker`,
@@ -22,11 +23,14 @@ const EBPF_TOOLCHAIN: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Debian packages: (package, a file it installs that proves it is there).
 /// tmux runs `tanzhen watch` and `tanzhen top` under a pseudo-terminal in the e2e tests; g++
-/// compiles libFuzzer for the fuzz step (libfuzzer-sys).
+/// compiles libFuzzer for the fuzz step (libfuzzer-sys); libbpf-tools' `runqlat` is the
+/// reference the sched e2e test cross-checks against (and, with its siblings, the peer
+/// `cargo xtask bench` measures).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/promtool"),
     ("tmux", "/usr/bin/tmux"),
     ("g++", "/usr/bin/g++"),
+    ("libbpf-tools", "/usr/sbin/runqlat"),
 ];
 
 /// Static (musl) builds with the `tls` feature: C compilers for ring (see dist.rs `MUSL_CC`).

@@ -22,10 +22,10 @@ use std::{
 };
 
 use agent_common::sched::{
-    PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_SIZE, ProcEvent, RunqHist, RunqKey, SCHED_CONFIG,
-    SCHED_EVENTS, SCHED_LOST, SCHED_LOST_MAP_FULL, SCHED_LOST_READ_ERROR, SCHED_LOST_REASONS,
-    SCHED_LOST_RINGBUF_FULL, SCHED_RUNQ_HIST, SCHED_SWITCHES, SLEEP_STATE_MASK, SchedConfig,
-    SwitchCounts, SwitchKey,
+    DEAD_STATE_MASK, PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_SIZE, ProcEvent, RunqHist,
+    RunqKey, SCHED_CONFIG, SCHED_EVENTS, SCHED_LOST, SCHED_LOST_MAP_FULL, SCHED_LOST_READ_ERROR,
+    SCHED_LOST_REASONS, SCHED_LOST_RINGBUF_FULL, SCHED_RUNQ_HIST, SCHED_SWITCHES, SLEEP_STATE_MASK,
+    SchedConfig, SwitchCounts, SwitchKey,
 };
 use aya::{
     Ebpf,
@@ -192,6 +192,7 @@ pub fn config(f: &SchedFormats) -> Result<SchedConfig, ProbeError> {
         wakeup_new_pid: need(&f.wakeup_new, "sched_wakeup_new", "pid", 4)?,
         exec_filename: need(&f.exec, "sched_process_exec", "filename", 4)?,
         sleep_state_mask: SLEEP_STATE_MASK,
+        dead_state_mask: DEAD_STATE_MASK,
         epoch: 1,
         ready: 1,
     })
@@ -614,7 +615,10 @@ mod tests {
         assert_eq!((c.switch_next_comm, c.switch_next_pid), (40, 56));
         assert_eq!((c.wakeup_pid, c.wakeup_new_pid), (24, 24));
         assert_eq!(c.exec_filename, 8);
-        assert_eq!((c.sleep_state_mask, c.ready), (0xff, 1));
+        assert_eq!(
+            (c.sleep_state_mask, c.dead_state_mask, c.ready),
+            (0xff, 0x30, 1)
+        );
     }
 
     #[test]
