@@ -83,7 +83,10 @@ impl Workload {
                 let loops = if quick { "2000000" } else { "5000000" };
                 Ok(perf_usecs_isolated(&["bench", "syscall", "basic", "-l", loops])? * 1000.0)
             }
-            Self::SchedPipe => perf_usecs(&[
+            // Both ends on one CPU: left to the scheduler, the pair lands on one CPU in some
+            // rounds and on two (with cross-CPU wake-ups and idle exits) in others, and the
+            // baseline swung 23..57 µs/op between rounds of one run.
+            Self::SchedPipe => perf_usecs_pinned(&[
                 "bench",
                 "sched",
                 "pipe",
@@ -150,6 +153,14 @@ pub fn bench(root: &Path, quick: bool, only: &[Part]) -> anyhow::Result<()> {
     }
     setup::apt(APT)?;
     let load_start = loadavg();
+    let foreign = tracing_program_holders();
+    if !foreign.is_empty() {
+        eprintln!(
+            "==> WARNING: other processes hold eBPF tracing programs ({}): every figure, the \
+             baseline included, carries their cost; stop them for a clean run",
+            foreign.join(", ")
+        );
+    }
     step("building the agent (release)");
     run(cargo(root).args(["build", "--release", "--package", "agent"]))?;
     let bin = target_dir(root).join("release/tanzhen");
@@ -212,6 +223,7 @@ pub fn bench(root: &Path, quick: bool, only: &[Part]) -> anyhow::Result<()> {
         "rounds": rounds,
         "quick": quick,
         "load_average_start": load_start,
+        "other_tracing_programs_at_start": foreign,
         "load_average_end": loadavg(),
         "comparisons": sections,
         "throughput": throughput,
@@ -231,6 +243,40 @@ pub fn bench(root: &Path, quick: bool, only: &[Part]) -> anyhow::Result<()> {
         dir.join("report.json").display()
     );
     Ok(())
+}
+
+/// Processes (`comm[pid]`) holding eBPF programs of a tracing type (kprobe, tracepoint, perf
+/// event, raw tracepoint, tracing), from /proc/*/fdinfo: a forgotten agent or peer tool would
+/// add its cost to every configuration.
+fn tracing_program_holders() -> Vec<String> {
+    // BPF_PROG_TYPE_KPROBE, _TRACEPOINT, _PERF_EVENT, _RAW_TRACEPOINT, _TRACING.
+    const TRACING: &[u32] = &[2, 5, 7, 17, 26];
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_to_string(fd.path()).is_ok_and(|info| {
+                info.lines().any(|l| {
+                    l.strip_prefix("prog_type:")
+                        .and_then(|v| v.trim().parse::<u32>().ok())
+                        .is_some_and(|t| TRACING.contains(&t))
+                })
+            })
+        });
+        if holds {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            out.insert(format!("{}[{pid}]", comm.trim()));
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The 1, 5 and 15 minute load averages (/proc/loadavg): the machine may be shared.
@@ -478,7 +524,7 @@ fn wait_attached(pid: u32, tool: &str) -> anyhow::Result<()> {
     bail!("{tool} attached nothing within 60 s")
 }
 
-/// `perf_usecs` for a single-threaded benchmark, pinned to the last CPU at real-time priority
+/// The `usecs/op` of a perf benchmark, single-threaded,, pinned to the last CPU at real-time priority
 /// (`chrt -f 50 taskset -c N`): the probes run inside the benchmark's own syscalls, so this
 /// changes no cost being measured, while other work on a shared machine (builds) can no longer
 /// preempt it and inflate one configuration's figure at random.
@@ -490,8 +536,14 @@ fn perf_usecs_isolated(args: &[&str]) -> anyhow::Result<f64> {
     perf_output("chrt", &cmd)
 }
 
-fn perf_usecs(args: &[&str]) -> anyhow::Result<f64> {
-    perf_output("perf", args)
+/// The `usecs/op` of a perf benchmark with every thread of the benchmark on the last CPU (`taskset -c N`), at
+/// normal priority.
+fn perf_usecs_pinned(args: &[&str]) -> anyhow::Result<f64> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let last = (cpus - 1).to_string();
+    let mut cmd = vec!["-c", &last, "perf"];
+    cmd.extend_from_slice(args);
+    perf_output("taskset", &cmd)
 }
 
 fn perf_output(program: &str, args: &[&str]) -> anyhow::Result<f64> {
