@@ -84,11 +84,48 @@ pub struct SchedConfig {
     pub dead_state_mask: u32,
     /// Current drain epoch, copied into every aggregation key.
     pub epoch: u32,
-    /// 1 once userspace has filled the entry; the programs ignore records until then.
+    /// [`SCHED_READY`] or [`SCHED_READY_KNOWN`] once userspace has filled the entry; the
+    /// programs ignore records until then.
     pub ready: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SchedConfig {}
+
+/// [`SchedConfig::ready`]: filled; the programs read each field with `bpf_probe_read` at its
+/// tracefs offset.
+pub const SCHED_READY: u32 = 1;
+/// [`SchedConfig::ready`]: filled, and every offset the programs read is the one in [`known`]
+/// (so is every Debian kernel from 4.19 to 6.18): plain loads at constant offsets, no helper
+/// call per field (the verifier accepts constant-offset reads of a tracepoint record).
+pub const SCHED_READY_KNOWN: u32 = 2;
+
+/// The record offsets of the fields the programs read, as 64-bit kernels from 4.19 to 6.18 lay
+/// them out (`prev_state` is a `long`).
+pub mod known {
+    pub const SWITCH_PREV_COMM: u32 = 8;
+    pub const SWITCH_PREV_PID: u32 = 24;
+    pub const SWITCH_PREV_STATE: u32 = 32;
+    pub const SWITCH_PREV_STATE_SIZE: u32 = 8;
+    pub const SWITCH_NEXT_COMM: u32 = 40;
+    pub const SWITCH_NEXT_PID: u32 = 56;
+    pub const WAKEUP_PID: u32 = 24;
+    pub const WAKEUP_NEW_PID: u32 = 24;
+}
+
+impl SchedConfig {
+    /// Whether the offsets are those of [`known`].
+    #[must_use]
+    pub const fn has_known_layout(&self) -> bool {
+        self.switch_prev_comm == known::SWITCH_PREV_COMM
+            && self.switch_prev_pid == known::SWITCH_PREV_PID
+            && self.switch_prev_state == known::SWITCH_PREV_STATE
+            && self.switch_prev_state_size == known::SWITCH_PREV_STATE_SIZE
+            && self.switch_next_comm == known::SWITCH_NEXT_COMM
+            && self.switch_next_pid == known::SWITCH_NEXT_PID
+            && self.wakeup_pid == known::WAKEUP_PID
+            && self.wakeup_new_pid == known::WAKEUP_NEW_PID
+    }
+}
 const _: () = assert!(core::mem::size_of::<SchedConfig>() == 52);
 
 /// Key of [`SCHED_SWITCHES`]: epoch and the comm of the task switched out.

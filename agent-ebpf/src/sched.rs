@@ -1,6 +1,7 @@
 //! Scheduler probe: run-queue latency, context switches and process lifecycle, on the
 //! `sched:` tracepoints (all present in 4.19, with stable field names; offsets come from tracefs
-//! through [`SCHED_CONFIG`]).
+//! through [`SCHED_CONFIG`], and fields are plain loads at constant offsets when the kernel has
+//! the known layout, as every Debian kernel from 4.19 to 6.18 does).
 //!
 //! Run-queue latency as libbpf-tools `runqlat` defines it: the time from enqueue to running.
 //! - `sched_wakeup` / `sched_wakeup_new`: the woken task is enqueued now.
@@ -29,8 +30,8 @@ use agent_common::{
     sched::{
         PROC_EVENT_EXEC, PROC_EVENT_EXIT, ProcEvent, RunqHist, RunqKey, RunqStart,
         SCHED_EVENTS_BYTES, SCHED_LOST_MAP_FULL, SCHED_LOST_READ_ERROR, SCHED_LOST_REASONS,
-        SCHED_LOST_RINGBUF_FULL, SCHED_RUNQ_HIST_MAX, SCHED_RUNQ_START_MAX, SCHED_SWITCHES_MAX,
-        SchedConfig, SwitchCounts, SwitchKey,
+        SCHED_LOST_RINGBUF_FULL, SCHED_READY_KNOWN, SCHED_RUNQ_HIST_MAX, SCHED_RUNQ_START_MAX, SCHED_SWITCHES_MAX,
+        SchedConfig, SwitchCounts, SwitchKey, known,
     },
 };
 use aya_ebpf::{
@@ -76,7 +77,7 @@ static SCHED_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(SCHED_LOST_R
 #[tracepoint]
 pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
     if let Some(cfg) = config()
-        && try_enqueue(&ctx, cfg.wakeup_pid).is_err()
+        && try_enqueue(&ctx, cfg, cfg.wakeup_pid, known::WAKEUP_PID).is_err()
     {
         count_lost(SCHED_LOST_READ_ERROR);
     }
@@ -87,7 +88,7 @@ pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
     if let Some(cfg) = config()
-        && try_enqueue(&ctx, cfg.wakeup_new_pid).is_err()
+        && try_enqueue(&ctx, cfg, cfg.wakeup_new_pid, known::WAKEUP_NEW_PID).is_err()
     {
         count_lost(SCHED_LOST_READ_ERROR);
     }
@@ -132,9 +133,32 @@ fn config() -> Option<&'static SchedConfig> {
     SCHED_CONFIG.get(0).filter(|c| c.ready != 0)
 }
 
+/// A record field: a plain load at `known` (a constant) when the kernel has the known layout,
+/// else `bpf_probe_read` at the tracefs offset `offset`.
 #[inline(always)]
-fn try_enqueue(ctx: &TracePointContext, pid_off: u32) -> Result<(), i64> {
-    let pid: u32 = read(ctx, pid_off)?;
+fn field<T: Copy>(
+    ctx: &TracePointContext,
+    cfg: &SchedConfig,
+    offset: u32,
+    known: u32,
+) -> Result<T, i64> {
+    if cfg.ready == SCHED_READY_KNOWN {
+        // SAFETY: a constant offset inside the record (the verifier checks it), naturally
+        // aligned for T in the known layout.
+        Ok(unsafe { ctx.as_ptr().cast::<u8>().add(known as usize).cast::<T>().read() })
+    } else {
+        read(ctx, offset)
+    }
+}
+
+#[inline(always)]
+fn try_enqueue(
+    ctx: &TracePointContext,
+    cfg: &SchedConfig,
+    pid_off: u32,
+    known_pid: u32,
+) -> Result<(), i64> {
+    let pid: u32 = field(ctx, cfg, pid_off, known_pid)?;
     enqueue(pid, Some(unsafe { bpf_ktime_get_ns() }), None);
     Ok(())
 }
@@ -170,8 +194,10 @@ fn enqueue(pid: u32, ts: Option<u64>, cgroup_id: Option<u64>) {
 #[inline(always)]
 fn try_switch(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let prev_pid: u32 = read(ctx, cfg.switch_prev_pid)?;
-    let prev_state: u64 = if cfg.switch_prev_state_size == 8 {
+    let prev_pid: u32 = field(ctx, cfg, cfg.switch_prev_pid, known::SWITCH_PREV_PID)?;
+    let prev_state: u64 = if cfg.ready == SCHED_READY_KNOWN {
+        field::<u64>(ctx, cfg, cfg.switch_prev_state, known::SWITCH_PREV_STATE)?
+    } else if cfg.switch_prev_state_size == 8 {
         read::<u64>(ctx, cfg.switch_prev_state)?
     } else {
         u64::from(read::<u32>(ctx, cfg.switch_prev_state)?)
@@ -181,7 +207,7 @@ fn try_switch(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
     // Context switch of prev, by its comm.
     let key = SwitchKey {
         epoch: cfg.epoch,
-        comm: read::<[u8; COMM_LEN]>(ctx, cfg.switch_prev_comm)?,
+        comm: field::<[u8; COMM_LEN]>(ctx, cfg, cfg.switch_prev_comm, known::SWITCH_PREV_COMM)?,
     };
     count_switch(&key, runnable);
 
@@ -198,7 +224,7 @@ fn try_switch(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
     }
 
     // Run-queue latency of next.
-    let next_pid: u32 = read(ctx, cfg.switch_next_pid)?;
+    let next_pid: u32 = field(ctx, cfg, cfg.switch_next_pid, known::SWITCH_NEXT_PID)?;
     if next_pid == 0 {
         return Ok(());
     }
@@ -216,7 +242,7 @@ fn try_switch(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
         epoch: cfg.epoch,
         _pad: 0,
         cgroup_id,
-        comm: read::<[u8; COMM_LEN]>(ctx, cfg.switch_next_comm)?,
+        comm: field::<[u8; COMM_LEN]>(ctx, cfg, cfg.switch_next_comm, known::SWITCH_NEXT_COMM)?,
     };
     record_latency(&key, delta);
     Ok(())

@@ -290,8 +290,8 @@ fn test(root: &Path, filter: Option<&str>, fuzz: bool) -> anyhow::Result<()> {
 
     step(&format!(
         "end-to-end tests again, for old kernels: the probe tests with `{COMPAT_ARGS}` \
-         (perf event arrays instead of the ring buffer, no kernel BTF) and TCP record fields \
-         read through tracefs offsets"
+         (perf event arrays instead of the ring buffer, no kernel BTF) and tracepoint record \
+         fields read through tracefs offsets"
     ));
     let started = std::time::Instant::now();
     let mut cmd = cargo(root);
@@ -306,8 +306,8 @@ fn test(root: &Path, filter: Option<&str>, fuzz: bool) -> anyhow::Result<()> {
     }
     cmd.env("TANZHEN_BIN", target_dir(root).join("debug/tanzhen"));
     cmd.env("TANZHEN_E2E_EXTRA_ARGS", COMPAT_ARGS);
-    // Old kernels' sock:inet_sock_set_state has another layout: take the offsets path.
-    cmd.env("TANZHEN_TEST_TCP_READ_BY_OFFSET", "1");
+    // Older kernels lay some tracepoint records out differently: take the offsets path.
+    cmd.env("TANZHEN_TEST_READ_BY_OFFSET", "1");
     run(&mut cmd)?;
     eprintln!(
         "(compatibility pass took {:.0} s)",

@@ -24,8 +24,8 @@ use std::{
 use agent_common::sched::{
     DEAD_STATE_MASK, PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_SIZE, ProcEvent, RunqHist,
     RunqKey, SCHED_CONFIG, SCHED_EVENTS, SCHED_LOST, SCHED_LOST_MAP_FULL, SCHED_LOST_READ_ERROR,
-    SCHED_LOST_REASONS, SCHED_LOST_RINGBUF_FULL, SCHED_RUNQ_HIST, SCHED_SWITCHES, SLEEP_STATE_MASK,
-    SchedConfig, SwitchCounts, SwitchKey,
+    SCHED_LOST_REASONS, SCHED_LOST_RINGBUF_FULL, SCHED_READY, SCHED_READY_KNOWN, SCHED_RUNQ_HIST,
+    SCHED_SWITCHES, SLEEP_STATE_MASK, SchedConfig, SwitchCounts, SwitchKey,
 };
 use aya::{
     Ebpf,
@@ -181,7 +181,7 @@ pub fn config(f: &SchedFormats) -> Result<SchedConfig, ProbeError> {
     }
     // Validated though unused: the exit program only needs the current task.
     need(&f.exit, "sched_process_exit", "pid", 4)?;
-    Ok(SchedConfig {
+    let mut cfg = SchedConfig {
         switch_prev_comm: need(&f.switch, "sched_switch", "prev_comm", 16)?,
         switch_prev_pid: need(&f.switch, "sched_switch", "prev_pid", 4)?,
         switch_prev_state: state.offset,
@@ -194,8 +194,12 @@ pub fn config(f: &SchedFormats) -> Result<SchedConfig, ProbeError> {
         sleep_state_mask: SLEEP_STATE_MASK,
         dead_state_mask: DEAD_STATE_MASK,
         epoch: 1,
-        ready: 1,
-    })
+        ready: SCHED_READY,
+    };
+    if cfg.has_known_layout() {
+        cfg.ready = SCHED_READY_KNOWN;
+    }
+    Ok(cfg)
 }
 
 /// Why an event record could not be decoded.
@@ -391,7 +395,11 @@ impl SchedProbe {
         sink: Option<Arc<dyn ProcSink>>,
         meta: Arc<Metadata>,
     ) -> Result<Self, ProbeError> {
-        let cfg = config(&SchedFormats::read(tracefs)?)?;
+        let mut cfg = config(&SchedFormats::read(tracefs)?)?;
+        // Testing only: take the path of kernels with another record layout.
+        if std::env::var_os(crate::probe::READ_BY_OFFSET_ENV).is_some() {
+            cfg.ready = SCHED_READY;
+        }
         log::debug!("sched tracepoint layout: {cfg:?}");
         let mut cfg_map: Array<MapData, SchedConfig> = take(ebpf, SCHED_CONFIG)?;
         cfg_map.set(0, cfg, 0)?;
@@ -617,8 +625,15 @@ mod tests {
         assert_eq!(c.exec_filename, 8);
         assert_eq!(
             (c.sleep_state_mask, c.dead_state_mask, c.ready),
-            (0xff, 0x30, 1)
+            (0xff, 0x30, SCHED_READY_KNOWN)
         );
+        // Any field elsewhere (or a 4-byte prev_state): read through offsets.
+        let mut f = SchedFormats::read(&testdata("4.19")).unwrap();
+        f.switch.fields.get_mut("next_pid").unwrap().offset = 60;
+        assert_eq!(config(&f).unwrap().ready, SCHED_READY);
+        let mut f = SchedFormats::read(&testdata("4.19")).unwrap();
+        f.switch.fields.get_mut("prev_state").unwrap().size = 4;
+        assert_eq!(config(&f).unwrap().ready, SCHED_READY);
     }
 
     #[test]

@@ -433,17 +433,13 @@ impl TcpProbe {
     }
 }
 
-/// Testing only: set, the tracepoint program reads its fields through tracefs offsets even on
-/// a kernel with the known layout.
-pub const READ_BY_OFFSET_ENV: &str = "TANZHEN_TEST_TCP_READ_BY_OFFSET";
-
 /// Loads and attaches the tracepoint program, with the record layout from tracefs.
 fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> {
     let format = kernel::tracepoint_format(tracefs, "sock", "inet_sock_set_state")?;
     let mut off = offsets(&format)?;
     // Testing only: take the path of kernels with another record layout (the e2e suite's
     // old-kernel pass sets it).
-    if std::env::var_os(READ_BY_OFFSET_ENV).is_some() {
+    if std::env::var_os(super::READ_BY_OFFSET_ENV).is_some() {
         off.ready = TCP_TP_READY;
     }
     log::debug!(
