@@ -115,6 +115,24 @@ pub fn syscalls_sched_switch(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Raw tracepoint `sched_process_exit`, in the exiting thread: `exit`/`exit_group` never return,
+/// so the thread's start (in this CPU's slot, or moved to [`SYSCALL_START`] by an earlier
+/// switch) is dropped here; left behind, a later thread reusing the id would have its return
+/// from `clone` read it as the end of that old syscall.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn syscalls_process_exit(_ctx: RawTracePointContext) -> i32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(cur) = SYSCALL_CUR.get_ptr_mut(0) {
+        unsafe {
+            if (*cur).tid == tid {
+                (*cur).ts_ns = 0;
+            }
+        }
+    }
+    let _ = SYSCALL_START.remove(&tid);
+    0
+}
+
 #[inline(always)]
 fn on_enter(ctx: &RawTracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();

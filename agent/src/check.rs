@@ -222,7 +222,8 @@ fn build(args: &CheckArgs) -> Result<Report, String> {
             ),
             ProbeKind::Sched => (info.hook_list(), true, &sched::HOOKS[..]),
             ProbeKind::Syscalls => (
-                "raw tracepoints raw_syscalls:sys_enter, raw_syscalls:sys_exit, sched:sched_switch"
+                "raw tracepoints raw_syscalls:sys_enter, raw_syscalls:sys_exit, sched:sched_switch, \
+                 sched:sched_process_exit"
                     .to_owned(),
                 false,
                 syscalls::PROGRAMS,

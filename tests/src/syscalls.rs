@@ -251,6 +251,62 @@ fn blocking_and_migrating_syscalls_keep_their_latency() {
     );
 }
 
+/// Entries of the agent's kernel map `name`, read with bpftool through its map ids in
+/// /proc/PID/fdinfo (0 when the agent holds no such map).
+fn kernel_map_entries(agent_pid: u32, name: &str) -> usize {
+    let mut ids = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(format!("/proc/{agent_pid}/fdinfo")).unwrap() {
+        let info = std::fs::read_to_string(e.unwrap().path()).unwrap_or_default();
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
+            ids.insert(id.trim().to_owned());
+        }
+    }
+    let mut entries = 0;
+    for id in ids {
+        let show = std::process::Command::new("bpftool")
+            .args(["map", "show", "id", &id])
+            .output()
+            .expect("run bpftool");
+        let show = String::from_utf8_lossy(&show.stdout);
+        if show.split_whitespace().skip_while(|w| *w != "name").nth(1) != Some(name) {
+            continue;
+        }
+        let dump = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "id", &id])
+            .output()
+            .expect("run bpftool");
+        let v: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool json");
+        entries += v.as_array().map_or(0, Vec::len);
+    }
+    entries
+}
+
+/// `exit_group` never returns: its start must not stay in the per-thread map after the thread
+/// is gone (else the map fills with the dead, and a thread reusing the id reads a stale start
+/// when it returns from `clone`). Without the `sched_process_exit` program, 500 processes left
+/// about 500 entries.
+#[test]
+fn exiting_processes_leave_no_syscall_state() {
+    let mut agent = Agent::start(&["--probes", "syscalls", "--interval", "1s"]);
+    let pid = agent.pid();
+    let before = kernel_map_entries(pid, "SYSCALL_START");
+    for _ in 0..500 {
+        let status = std::process::Command::new("/bin/true").status().unwrap();
+        assert!(status.success());
+    }
+    let after = kernel_map_entries(pid, "SYSCALL_START");
+    assert!(
+        after < before + 100,
+        "SYSCALL_START grew from {before} to {after} entries over 500 exited processes"
+    );
+    assert_eq!(
+        agent.stop(),
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        agent.log_text()
+    );
+}
+
 #[test]
 fn pid_filter_applies_to_tcp_too() {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();

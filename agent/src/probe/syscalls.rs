@@ -44,8 +44,9 @@ const PROBE: &str = "syscalls";
 const ENTER: &str = "syscalls_sys_enter";
 const EXIT: &str = "syscalls_sys_exit";
 const SWITCH: &str = "syscalls_sched_switch";
+const PROCESS_EXIT: &str = "syscalls_process_exit";
 /// The kernel programs of this probe (raw tracepoints).
-pub const PROGRAMS: &[&str] = &[ENTER, EXIT, SWITCH];
+pub const PROGRAMS: &[&str] = &[ENTER, EXIT, SWITCH, PROCESS_EXIT];
 
 /// How long to wait after flipping the generation before reading the idle one: programs that
 /// read the old generation number are then long finished (they run for well under a µs, with
@@ -289,6 +290,7 @@ impl SyscallsProbe {
         for (prog, name) in [
             (EXIT, "sys_exit"),
             (SWITCH, "sched_switch"),
+            (PROCESS_EXIT, "sched_process_exit"),
             (ENTER, "sys_enter"),
         ] {
             let p: &mut RawTracePoint = ebpf
