@@ -18,6 +18,26 @@ pub fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
         .map_err(i64::from)
 }
 
+/// A record field: a plain load at `known` (a constant the program is compiled with) when the
+/// kernel has the probe's known record layout, else [`read`] at the tracefs offset `offset`.
+/// The verifier accepts constant-offset reads of a tracepoint record on every kernel; they
+/// save a helper call per field.
+#[inline(always)]
+pub fn read_known<T: Copy>(
+    ctx: &TracePointContext,
+    known_layout: bool,
+    offset: u32,
+    known: u32,
+) -> Result<T, i64> {
+    if known_layout {
+        // SAFETY: a constant offset inside the record (the verifier checks it), naturally
+        // aligned for T in the known layout.
+        Ok(unsafe { ctx.as_ptr().cast::<u8>().add(known as usize).cast::<T>().read() })
+    } else {
+        read(ctx, offset)
+    }
+}
+
 /// Adds `n` to slot `reason` of a per-CPU drop counter.
 #[inline(always)]
 pub fn count_lost(map: &PerCpuArray<u64>, reason: u32, n: u64) {

@@ -133,8 +133,7 @@ fn config() -> Option<&'static SchedConfig> {
     SCHED_CONFIG.get(0).filter(|c| c.ready != 0)
 }
 
-/// A record field: a plain load at `known` (a constant) when the kernel has the known layout,
-/// else `bpf_probe_read` at the tracefs offset `offset`.
+/// A record field, see [`field::read_known`].
 #[inline(always)]
 fn field<T: Copy>(
     ctx: &TracePointContext,
@@ -142,13 +141,7 @@ fn field<T: Copy>(
     offset: u32,
     known: u32,
 ) -> Result<T, i64> {
-    if cfg.ready == SCHED_READY_KNOWN {
-        // SAFETY: a constant offset inside the record (the verifier checks it), naturally
-        // aligned for T in the known layout.
-        Ok(unsafe { ctx.as_ptr().cast::<u8>().add(known as usize).cast::<T>().read() })
-    } else {
-        read(ctx, offset)
-    }
+    field::read_known(ctx, cfg.ready == SCHED_READY_KNOWN, offset, known)
 }
 
 #[inline(always)]
@@ -195,10 +188,9 @@ fn enqueue(pid: u32, ts: Option<u64>, cgroup_id: Option<u64>) {
 fn try_switch(ctx: &TracePointContext, cfg: &SchedConfig) -> Result<(), i64> {
     let now = unsafe { bpf_ktime_get_ns() };
     let prev_pid: u32 = field(ctx, cfg, cfg.switch_prev_pid, known::SWITCH_PREV_PID)?;
-    let prev_state: u64 = if cfg.ready == SCHED_READY_KNOWN {
+    // The known layout's prev_state is 8 bytes.
+    let prev_state: u64 = if cfg.switch_prev_state_size == 8 {
         field::<u64>(ctx, cfg, cfg.switch_prev_state, known::SWITCH_PREV_STATE)?
-    } else if cfg.switch_prev_state_size == 8 {
-        read::<u64>(ctx, cfg.switch_prev_state)?
     } else {
         u64::from(read::<u32>(ctx, cfg.switch_prev_state)?)
     };

@@ -96,8 +96,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 /// The known layout's offsets (constants the program is compiled with).
 const K: TcpTpOffsets = TcpTpOffsets::KNOWN;
 
-/// A record field: a plain load at `known` (a constant) when the kernel has the known layout,
-/// else `bpf_probe_read` at the tracefs offset `offset`.
+/// A record field, see [`field::read_known`].
 #[inline(always)]
 fn field<T: Copy>(
     ctx: &TracePointContext,
@@ -105,13 +104,7 @@ fn field<T: Copy>(
     offset: u32,
     known: u32,
 ) -> Result<T, i64> {
-    if off.ready == TCP_TP_READY_KNOWN {
-        // SAFETY: a constant offset inside the record (the verifier checks it), naturally
-        // aligned for T in the known layout.
-        Ok(unsafe { ctx.as_ptr().cast::<u8>().add(known as usize).cast::<T>().read() })
-    } else {
-        read(ctx, offset)
-    }
+    field::read_known(ctx, off.ready == TCP_TP_READY_KNOWN, offset, known)
 }
 
 #[inline(always)]

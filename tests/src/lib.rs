@@ -361,6 +361,46 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
     out
 }
 
+/// The eBPF maps process `pid` holds, as (id, name), each once: ids from /proc/PID/fdinfo,
+/// names from `bpftool map show`.
+#[cfg(test)]
+pub fn agent_maps(pid: u32) -> Vec<(String, String)> {
+    let mut ids = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let info = std::fs::read_to_string(e.unwrap().path()).unwrap_or_default();
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
+            ids.insert(id.trim().to_owned());
+        }
+    }
+    ids.into_iter()
+        .map(|id| {
+            let show = std::process::Command::new("bpftool")
+                .args(["map", "show", "id", &id])
+                .output()
+                .expect("run bpftool");
+            let show = String::from_utf8_lossy(&show.stdout);
+            let name = show
+                .split_whitespace()
+                .skip_while(|w| *w != "name")
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            (id, name)
+        })
+        .collect()
+}
+
+/// The entries of map `id` (`bpftool -j map dump id ID`).
+#[cfg(test)]
+pub fn map_dump(id: &str) -> Vec<serde_json::Value> {
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", id])
+        .output()
+        .expect("run bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool json");
+    v.as_array().cloned().unwrap_or_default()
+}
+
 /// Polls `cond` on fresh scrapes until it holds or `timeout` passes; returns the last scrape.
 /// (Events reach userspace asynchronously; this waits for them, it asserts no timing.)
 pub fn wait_for(agent: &Agent, timeout: Duration, cond: impl Fn(&Metrics) -> bool) -> Metrics {

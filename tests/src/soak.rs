@@ -301,44 +301,15 @@ const LOST_MAPS: &[(&str, &str)] = &[
 /// appears once per probe (the other probes' copies stay at zero).
 fn kernel_lost(pid: u32) -> BTreeMap<&'static str, u64> {
     let mut total = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
-        let Ok(info) = std::fs::read_to_string(e.unwrap().path()) else {
-            continue;
-        };
-        let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .map(|v| v.trim().to_owned())
-        else {
-            continue;
-        };
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        let show = Command::new("bpftool")
-            .args(["map", "show", "id", &id])
-            .output()
-            .unwrap();
-        let show = String::from_utf8_lossy(&show.stdout);
-        let name = show
-            .split_whitespace()
-            .skip_while(|w| *w != "name")
-            .nth(1)
-            .unwrap_or_default();
+    for (id, name) in crate::agent_maps(pid) {
         let Some(&(_, probe)) = LOST_MAPS.iter().find(|(map, _)| *map == name) else {
             continue;
         };
-        let dump = Command::new("bpftool")
-            .args(["-j", "map", "dump", "id", &id])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool json");
         let sum = total.entry(probe).or_default();
-        for entry in v.as_array().unwrap() {
+        for entry in crate::map_dump(&id) {
             // With BTF bpftool adds a `formatted` copy holding plain numbers; the raw values
             // are little-endian byte arrays ("0x2a", "0x00", ...).
-            let values = entry.get("formatted").unwrap_or(entry)["values"]
+            let values = entry.get("formatted").unwrap_or(&entry)["values"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default();

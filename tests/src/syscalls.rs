@@ -251,34 +251,13 @@ fn blocking_and_migrating_syscalls_keep_their_latency() {
     );
 }
 
-/// Entries of the agent's kernel map `name`, read with bpftool through its map ids in
-/// /proc/PID/fdinfo (0 when the agent holds no such map).
+/// Entries of the agent's kernel maps called `name` (0 when it holds none).
 fn kernel_map_entries(agent_pid: u32, name: &str) -> usize {
-    let mut ids = std::collections::BTreeSet::new();
-    for e in std::fs::read_dir(format!("/proc/{agent_pid}/fdinfo")).unwrap() {
-        let info = std::fs::read_to_string(e.unwrap().path()).unwrap_or_default();
-        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
-            ids.insert(id.trim().to_owned());
-        }
-    }
-    let mut entries = 0;
-    for id in ids {
-        let show = std::process::Command::new("bpftool")
-            .args(["map", "show", "id", &id])
-            .output()
-            .expect("run bpftool");
-        let show = String::from_utf8_lossy(&show.stdout);
-        if show.split_whitespace().skip_while(|w| *w != "name").nth(1) != Some(name) {
-            continue;
-        }
-        let dump = std::process::Command::new("bpftool")
-            .args(["-j", "map", "dump", "id", &id])
-            .output()
-            .expect("run bpftool");
-        let v: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool json");
-        entries += v.as_array().map_or(0, Vec::len);
-    }
-    entries
+    crate::agent_maps(agent_pid)
+        .iter()
+        .filter(|(_, n)| n == name)
+        .map(|(id, _)| crate::map_dump(id).len())
+        .sum()
 }
 
 /// `exit_group` never returns: its start must not stay in the per-thread map after the thread
