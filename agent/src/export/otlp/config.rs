@@ -125,6 +125,67 @@ pub struct OtlpArgs {
     pub trace_max_spans_per_second: u32,
 }
 
+/// The OTLP inputs the parser proptest and fuzz target vary: a base endpoint and
+/// `--otlp-header`s, and the variables below.
+#[cfg(any(test, fuzzing))]
+pub struct ParserInputs {
+    pub endpoint: String,
+    pub flag_headers: Vec<(String, String)>,
+    /// `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub env_headers: String,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`: grpc, else http/protobuf.
+    pub grpc: bool,
+    /// `OTEL_RESOURCE_ATTRIBUTES`.
+    pub attrs: String,
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
+    pub traces_endpoint: String,
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT`.
+    pub timeout: String,
+    /// `OTEL_EXPORTER_OTLP_COMPRESSION`.
+    pub compression: String,
+}
+
+#[cfg(any(test, fuzzing))]
+impl ParserInputs {
+    /// Resolves the settings (which must not panic) and checks that an error is one line and
+    /// that what may be logged (Debug and Display output) holds no header value. Values under
+    /// 4 bytes, and values one of the non-secret inputs (endpoints, resource attributes) also
+    /// holds, cannot be told apart from those and are not checked.
+    pub fn check(&self) -> Result<(), String> {
+        let args = OtlpArgs::for_parsers(self.endpoint.clone(), self.flag_headers.clone());
+        let env = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_HEADERS" => Some(self.env_headers.clone()),
+            "OTEL_EXPORTER_OTLP_PROTOCOL" => {
+                Some(if self.grpc { "grpc" } else { "http/protobuf" }.to_owned())
+            }
+            "OTEL_RESOURCE_ATTRIBUTES" => Some(self.attrs.clone()),
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => Some(self.traces_endpoint.clone()),
+            "OTEL_EXPORTER_OTLP_TIMEOUT" => Some(self.timeout.clone()),
+            "OTEL_EXPORTER_OTLP_COMPRESSION" => Some(self.compression.clone()),
+            _ => None,
+        };
+        let public = [&self.endpoint, &self.attrs, &self.traces_endpoint];
+        match OtlpConfig::resolve(&args, &env) {
+            Ok(Some(cfg)) => {
+                for s in cfg.metrics.iter().chain(cfg.traces.iter()) {
+                    let shown = format!("{cfg:?} {s}");
+                    for (_, v) in &s.headers {
+                        let checked =
+                            v.len() >= 4 && !public.iter().any(|p| p.contains(v.as_str()));
+                        if checked && shown.contains(v.as_str()) {
+                            return Err(format!("header value {v:?} shown: {shown}"));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) if e.contains('\n') => Err(format!("multi-line error: {e}")),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
 #[cfg(any(test, fuzzing))]
 impl OtlpArgs {
     /// The flags the parser tests and fuzz targets vary (a base endpoint and `--otlp-header`s),

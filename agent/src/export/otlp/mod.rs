@@ -34,6 +34,8 @@ use opentelemetry_proto::tonic::{
 };
 use tokio::sync::watch;
 
+#[cfg(any(test, fuzzing))]
+pub use self::config::ParserInputs;
 pub use self::{
     config::{Compression, OtlpArgs, OtlpConfig, OtlpProtocol, SignalConfig},
     traces::SpanSink,
