@@ -14,7 +14,7 @@
 //! field: this program runs on every TCP state change). Every drop is counted in [`TCP_LOST`].
 
 use crate::{
-    field::{self, read},
+    field,
     transport::Events,
 };
 use agent_common::{

@@ -125,10 +125,6 @@ async fn run_async(
     caps_kept: &str,
 ) -> Result<(), RunError> {
     let fatal = |e: &dyn std::fmt::Display| RunError::Fatal(e.to_string());
-    let listener = listener
-        .map(tokio::net::TcpListener::from_std)
-        .transpose()
-        .map_err(|e| fatal(&e))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| fatal(&e))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| fatal(&e))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| fatal(&e))?;
@@ -307,13 +303,14 @@ async fn run_async(
             } else {
                 ""
             };
-            let server = tokio::spawn(server::serve(
+            let server = serve_on_own_thread(
                 listener,
                 snapshot.clone(),
                 live.clone(),
                 stop_rx.clone(),
                 security,
-            ));
+            )
+            .map_err(|e| fatal(&e))?;
             // Rates for /api/v1/top, sampled every interval.
             let (top, snap, stop) = (live.clone(), snapshot.clone(), stop_rx.clone());
             tokio::spawn(async move { top.top.run(snap, stop).await });
@@ -389,14 +386,37 @@ async fn run_async(
         otlp.shutdown().await;
     }
     if let Some(server) = server {
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log::error!("http server: {e}"),
-            Err(e) => log::error!("http server task: {e}"),
+        match tokio::task::spawn_blocking(move || server.join()).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => log::error!("http server: {e}"),
+            Ok(Err(_)) => log::error!("http server thread panicked"),
+            Err(e) => log::error!("http server thread: {e}"),
         }
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Serves HTTP on a thread of its own (a current-thread runtime): a scrape never waits for a
+/// runtime worker that a probe's drain keeps busy, and a drain never waits for a slow client.
+fn serve_on_own_thread(
+    listener: std::net::TcpListener,
+    snapshot: Arc<Snapshot>,
+    live: Arc<Live>,
+    stop: watch::Receiver<bool>,
+    security: server::Security,
+) -> io::Result<std::thread::JoinHandle<io::Result<()>>> {
+    std::thread::Builder::new()
+        .name("tanzhen-http".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                server::serve(listener, snapshot, live, stop, security).await
+            })
+        })
 }
 
 /// Starts the process -> container -> pod metadata: the Kubernetes pod watch when `--k8s`

@@ -241,9 +241,57 @@ impl Agent {
     /// Scrapes `/metrics` in the classic text format.
     #[must_use]
     pub fn scrape(&self) -> Metrics {
-        let (status, body) = http_get(self.addr, "/metrics").expect("GET /metrics");
+        let t = Instant::now();
+        let (status, body) = match http_get(self.addr, "/metrics") {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "GET /metrics: {e} after {:.1?}\n{}",
+                t.elapsed(),
+                self.diagnose()
+            ),
+        };
         assert_eq!(status, 200, "GET /metrics: {body}");
         Metrics(body)
+    }
+
+    /// What the agent is doing, for a request that failed: whether `/healthz` answers now, and
+    /// where each of its threads is (state, kernel wait channel, system call).
+    #[must_use]
+    pub fn diagnose(&self) -> String {
+        let t = Instant::now();
+        let health = http_get(self.addr, "/healthz");
+        let mut out = format!(
+            "--- right after: GET /healthz -> {:?} in {:.1?}\n--- agent threads (tid comm state wchan syscall)\n",
+            health.map(|(s, _)| s),
+            t.elapsed()
+        );
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return out;
+        };
+        let read = |tid: &str, f: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for e in dir.flatten() {
+                let tid = e.file_name().to_string_lossy().into_owned();
+                let stat = read(&tid, "stat");
+                let state = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, r)| r.split_whitespace().next())
+                    .unwrap_or("?")
+                    .to_owned();
+                out += &format!(
+                    "{tid} {} {state} {} [{}]\n",
+                    read(&tid, "comm"),
+                    read(&tid, "wchan"),
+                    read(&tid, "syscall")
+                );
+            }
+        }
+        out
     }
 
     /// Sends SIGTERM and waits for the exit status code.
