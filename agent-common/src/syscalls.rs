@@ -9,6 +9,11 @@
 pub const SYSCALL_COUNTS_0: &str = "SYSCALL_COUNTS_0";
 /// `PerCpuHashMap<SyscallKey, SyscallStat>`, generation 1.
 pub const SYSCALL_COUNTS_1: &str = "SYSCALL_COUNTS_1";
+/// `PerCpuArray<SyscallRun>` indexed by syscall number below [`SYSCALL_NR_MAX`], generation 0:
+/// the run of calls of that number by one process on this CPU, counted without a hash lookup.
+pub const SYSCALL_RUNS_0: &str = "SYSCALL_RUNS_0";
+/// `PerCpuArray<SyscallRun>`, generation 1 (see [`SYSCALL_RUNS_0`]).
+pub const SYSCALL_RUNS_1: &str = "SYSCALL_RUNS_1";
 /// `PerCpuArray<SyscallHistRow>` indexed by syscall number (row [`SYSCALL_NR_MAX`] = "other").
 pub const SYSCALL_HIST: &str = "SYSCALL_HIST";
 /// `PerCpuArray<SyscallStart>` with one entry: the syscall the thread running on this CPU
@@ -108,6 +113,24 @@ pub struct SyscallStat {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SyscallStat {}
 const _: () = assert!(core::mem::size_of::<SyscallStat>() == 32);
+
+/// Value of [`SYSCALL_RUNS_0`]/[`SYSCALL_RUNS_1`] (per CPU, per syscall number): `calls` calls
+/// by process `tgid` since the entry was taken. A call by another process moves the run into
+/// the counts hash (under `comm`, the name the run started with) and starts a new one. Only
+/// another process on this CPU can end a run, so a process's calls between context switches
+/// all land here. Userspace reads and zeroes the idle generation at every drain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallRun {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// 0: the entry is free.
+    pub calls: u64,
+    pub comm: [u8; crate::COMM_LEN],
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SyscallRun {}
+const _: () = assert!(core::mem::size_of::<SyscallRun>() == 32);
 
 /// Histogram slot of a latency of `ns` nanoseconds: [`crate::hist::slot`] capped at the last
 /// slot of a row.

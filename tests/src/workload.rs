@@ -87,6 +87,11 @@ pub struct Workload {
     /// `sched_setaffinity` calls alternating between CPUs 0 and 1: every one moves the thread
     /// to the other CPU inside the syscall, so it returns on another CPU than it entered.
     pub migrations: u32,
+    /// Pin the worker to this CPU before its workload.
+    pub pin_cpu: Option<usize>,
+    /// A `sched_yield` after every this many `getppid` calls (0: none): workers sharing a CPU
+    /// then take turns.
+    pub yield_every: u32,
 }
 
 /// A forked child named `name`, waiting for [`Worker::go`].
@@ -116,6 +121,12 @@ impl Worker {
             libc::CPU_SET(cpu, &mut set);
             set
         });
+        // SAFETY: as above.
+        let pin_set: Option<libc::cpu_set_t> = w.pin_cpu.map(|cpu| unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            set
+        });
         // SAFETY: plain syscalls; after fork the child only makes async-signal-safe calls on
         // memory prepared before the fork, then `_exit`s.
         unsafe {
@@ -131,8 +142,16 @@ impl Worker {
                 if libc::read(cmd[0], (&raw mut b).cast(), 1) != 1 || b != b'g' {
                     libc::_exit(3);
                 }
-                for _ in 0..w.getppid {
+                if let Some(set) = &pin_set
+                    && libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set) != 0
+                {
+                    libc::_exit(8);
+                }
+                for i in 1..=w.getppid {
                     libc::syscall(libc::SYS_getppid);
+                    if w.yield_every != 0 && i % w.yield_every == 0 {
+                        libc::sched_yield();
+                    }
                 }
                 for _ in 0..w.open_missing {
                     let fd = libc::syscall(
@@ -217,15 +236,28 @@ impl Worker {
 
     /// Runs the workload and waits until the worker has finished it.
     pub fn go(&self) {
+        self.start();
+        self.wait();
+    }
+
+    /// Starts the workload (see [`Worker::wait`]).
+    pub fn start(&self) {
         let b = b'g';
-        let mut r = 0u8;
-        // SAFETY: our own pipe fds.
+        // SAFETY: our own pipe fd.
         unsafe {
             assert_eq!(libc::write(self.cmd, (&raw const b).cast(), 1), 1);
+        }
+    }
+
+    /// Waits until the worker has finished the workload [`Worker::start`] began.
+    pub fn wait(&self) {
+        let mut r = 0u8;
+        // SAFETY: our own pipe fd.
+        unsafe {
             assert_eq!(
                 libc::read(self.done, (&raw mut r).cast(), 1),
                 1,
-                "worker {} died during its workload (exit code 4/5/6 = unexpected open/connect result)",
+                "worker {} died during its workload (exit code 4/5/6 = unexpected open/connect result, 7/8 = sched_setaffinity failed)",
                 self.pid
             );
         }

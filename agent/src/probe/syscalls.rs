@@ -22,11 +22,12 @@ use std::{
 use agent_common::syscalls::{
     NO_SYSCALL, SYSCALL_CONFIG, SYSCALL_COUNTS_0, SYSCALL_COUNTS_1, SYSCALL_HIST,
     SYSCALL_HIST_ROWS, SYSCALL_HIST_SLOTS, SYSCALL_HIST_SUM, SYSCALL_LOST, SYSCALL_LOST_MAP_FULL,
-    SYSCALL_LOST_REASONS, SYSCALL_NR_MAX, SyscallConfig, SyscallHistRow, SyscallKey, SyscallStat,
+    SYSCALL_LOST_REASONS, SYSCALL_NR_MAX, SYSCALL_RUNS_0, SYSCALL_RUNS_1, SyscallConfig,
+    SyscallHistRow, SyscallKey, SyscallRun, SyscallStat,
 };
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::RawTracePoint,
 };
 use regex::Regex;
@@ -246,6 +247,7 @@ impl CommCache {
 pub struct SyscallsProbe {
     config: Array<MapData, SyscallConfig>,
     counts: [PerCpuHashMap<MapData, SyscallKey, SyscallStat>; 2],
+    runs: [PerCpuArray<MapData, SyscallRun>; 2],
     hist: PerCpuArray<MapData, SyscallHistRow>,
     lost: PerCpuArray<MapData, u64>,
     cfg: SyscallConfig,
@@ -282,6 +284,7 @@ impl SyscallsProbe {
         let mut config: Array<MapData, SyscallConfig> = take(ebpf, SYSCALL_CONFIG)?;
         config.set(0, cfg, 0)?;
         let counts = [take(ebpf, SYSCALL_COUNTS_0)?, take(ebpf, SYSCALL_COUNTS_1)?];
+        let runs = [take(ebpf, SYSCALL_RUNS_0)?, take(ebpf, SYSCALL_RUNS_1)?];
         let hist = take(ebpf, SYSCALL_HIST)?;
         let lost = take(ebpf, SYSCALL_LOST)?;
         // Exit first: an exit without its entry is ignored, while entries without exits
@@ -303,6 +306,7 @@ impl SyscallsProbe {
         Ok(Self {
             config,
             counts,
+            runs,
             hist,
             lost,
             cfg,
@@ -342,8 +346,10 @@ impl SyscallsProbe {
 
         let mut drained = BTreeMap::new();
         take_all(&mut self.counts[idle], &mut drained)?;
+        take_runs(&mut self.runs[idle], &mut drained);
         if last {
             take_all(&mut self.counts[idle ^ 1], &mut drained)?;
+            take_runs(&mut self.runs[idle ^ 1], &mut drained);
         }
         let tgids: BTreeSet<u32> = drained.keys().map(|k| k.tgid).collect();
         let (comms, filter, meta) = (&mut self.comms, self.opts.comm_filter.as_ref(), &self.meta);
@@ -463,6 +469,48 @@ fn take_all(
         }
     }
     Ok(())
+}
+
+/// Adds every CPU's run of every syscall number in `runs` to `into`, then zeroes the rows
+/// that held one.
+fn take_runs(runs: &mut PerCpuArray<MapData, SyscallRun>, into: &mut BTreeMap<SyscallKey, Totals>) {
+    let mut zeros = None;
+    for nr in 0..SYSCALL_NR_MAX {
+        let per_cpu = match runs.get(&nr, 0) {
+            Ok(v) => v,
+            Err(e) => {
+                log::debug!("syscalls: reading {SYSCALL_RUNS_0}/1[{nr}]: {e}");
+                continue;
+            }
+        };
+        let mut any = false;
+        for run in per_cpu.iter().filter(|r| r.calls != 0) {
+            any = true;
+            let t = into
+                .entry(SyscallKey {
+                    tgid: run.tgid,
+                    nr,
+                    errno: 0,
+                })
+                .or_default();
+            t.calls += run.calls;
+            if run.comm[0] != 0 {
+                t.comm = run.comm;
+            }
+        }
+        if !any {
+            continue;
+        }
+        let zeros = zeros.get_or_insert_with(|| vec![SyscallRun::default(); per_cpu.len()]);
+        match PerCpuValues::try_from(zeros.clone()) {
+            Ok(v) => {
+                if let Err(e) = runs.set(nr, v, 0) {
+                    log::debug!("syscalls: zeroing run row {nr}: {e}");
+                }
+            }
+            Err(e) => log::debug!("syscalls: zeroing run row {nr}: {e}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ const WORK: Workload = Workload {
     sleeps: 0,
     // Each returns on the other CPU: the syscall start must follow the thread.
     migrations: 100,
+    pin_cpu: None,
+    yield_every: 0,
 };
 /// Pipe ping-pong round trips.
 const ROUND_TRIPS: usize = 2_000;
