@@ -11,7 +11,36 @@ pub const HIST_SLOTS: usize = 65;
 #[inline(always)]
 #[must_use]
 pub const fn slot(v: u64) -> usize {
-    (u64::BITS - v.leading_zeros()) as usize
+    // A binary search for the highest set bit: eBPF has no count-leading-zeros instruction, and
+    // LLVM emulates `leading_zeros` with ~45 dependent instructions; this is six steps.
+    if v == 0 {
+        return 0;
+    }
+    let (mut v, mut s) = (v, 1);
+    if v >= 1 << 32 {
+        v >>= 32;
+        s += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        s += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        s += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        s += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        s += 2;
+    }
+    if v >= 1 << 1 {
+        s += 1;
+    }
+    s
 }
 
 /// Exclusive upper bound of slot `s` (`2^s`), saturating at `u64::MAX` for the last slot.
@@ -35,6 +64,19 @@ mod tests {
         assert_eq!(slot(1024), 11);
         assert_eq!(slot(u64::MAX), 64);
         assert!(slot(u64::MAX) < HIST_SLOTS);
+    }
+
+    #[test]
+    fn slot_is_the_bit_length() {
+        let check = |v: u64| assert_eq!(slot(v), (u64::BITS - v.leading_zeros()) as usize, "{v}");
+        check(0);
+        check(u64::MAX);
+        for b in 0..64 {
+            let p = 1u64 << b;
+            for v in [p - 1, p, p + 1, p | (p >> 1), p.wrapping_mul(3)] {
+                check(v);
+            }
+        }
     }
 
     #[test]
