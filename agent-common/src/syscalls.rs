@@ -53,13 +53,22 @@ pub type SyscallHistRow = [u64; SYSCALL_HIST_SLOTS + 1];
 pub struct SyscallStart {
     /// `bpf_ktime_get_ns` at entry; 0 once the exit has consumed it.
     pub ts_ns: u64,
+    /// The entering thread's saved user registers (the tracepoints' `regs` argument): one
+    /// address per live thread, so the exit recognises its own start in [`SYSCALL_CUR`] without
+    /// a helper call for its thread id.
+    pub regs: u64,
     pub nr: u32,
-    /// The thread (kernel pid) that entered; meaningful in [`SYSCALL_CUR`], where the CPU's
-    /// next syscall may come from another thread.
+    /// The thread (kernel pid) that entered: the key in [`SYSCALL_START`].
     pub tid: u32,
+    /// In [`SYSCALL_CUR`] only: the process (tgid) of the thread running on this CPU, cached by
+    /// its first syscall entry after it was switched in (0: not yet), so later entries need no
+    /// helper call for it. Cleared at every context switch.
+    pub tgid: u32,
+    pub _pad: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SyscallStart {}
+const _: () = assert!(core::mem::size_of::<SyscallStart>() == 32);
 
 /// Largest errno the kernel returns (`MAX_ERRNO`): `-4095..=-1` is an error.
 pub const MAX_ERRNO: i64 = 4095;

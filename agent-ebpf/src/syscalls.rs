@@ -17,8 +17,10 @@
 //!   and starts its own: only a context switch lets another process in, so that is rare next to
 //!   the calls. Errors are counted at exit, where the hash is touched only when the call failed;
 //!   the open family is counted at exit per errno (`tanzhen_file_opens_total`);
-//! - the start time and number live in a per-CPU slot tagged with the thread id, written at
-//!   entry and read at exit: no hash lookup on the way in or out. A thread that is switched out
+//! - the start time and number live in a per-CPU slot tagged with the thread's saved-registers
+//!   address (the tracepoints' `regs` argument, so the exit's fast path needs no helper call
+//!   for the thread id) and its id, written at entry and read at exit: no hash lookup on the
+//!   way in or out. A thread that is switched out
 //!   inside a syscall (it blocked, or was preempted) has its slot moved into an LRU hash keyed by
 //!   thread id by a program on the `sched_switch` raw tracepoint, and its exit, on whichever CPU,
 //!   finds it there. Context switches inside syscalls are far rarer than syscalls;
@@ -95,16 +97,18 @@ pub fn syscalls_sys_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Raw tracepoint `sched_switch`: `current` is still the thread being switched out. If it is
-/// inside a syscall (its start sits in this CPU's slot), the start moves to [`SYSCALL_START`],
-/// so the exit finds it even on another CPU and the next thread here can use the slot. Takes
-/// no argument, so the tracepoint's prototype (which changed across kernels) does not matter.
+/// Raw tracepoint `sched_switch`: `current` is still the thread being switched out. The CPU's
+/// cached tgid is forgotten (another thread comes in). If the thread is inside a syscall (its
+/// start sits in this CPU's slot), the start moves to [`SYSCALL_START`], so the exit finds it
+/// even on another CPU and the next thread here can use the slot. Takes no argument, so the
+/// tracepoint's prototype (which changed across kernels) does not matter.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn syscalls_sched_switch(_ctx: RawTracePointContext) -> i32 {
     let Some(cur) = SYSCALL_CUR.get_ptr_mut(0) else {
         return 0;
     };
-    let (ts_ns, nr, tid) = unsafe { ((*cur).ts_ns, (*cur).nr, (*cur).tid) };
+    let (ts_ns, nr, tid, regs) = unsafe { ((*cur).ts_ns, (*cur).nr, (*cur).tid, (*cur).regs) };
+    unsafe { (*cur).tgid = 0 };
     if ts_ns == 0 {
         return 0;
     }
@@ -120,7 +124,14 @@ pub fn syscalls_sched_switch(_ctx: RawTracePointContext) -> i32 {
         },
         // LRU: a full map evicts the least recently used thread instead of failing.
         None => {
-            let v = SyscallStart { ts_ns, nr, tid };
+            let v = SyscallStart {
+                ts_ns,
+                regs,
+                nr,
+                tid,
+                tgid: 0,
+                _pad: 0,
+            };
             let _ = SYSCALL_START.insert(&tid, &v, 0);
         }
     }
@@ -147,8 +158,20 @@ pub fn syscalls_process_exit(_ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_enter(ctx: &RawTracePointContext) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
+    let Some(cur) = SYSCALL_CUR.get_ptr_mut(0) else {
+        return;
+    };
+    // The running thread's process: cached in the slot since its first syscall after it was
+    // switched in (a helper call saved on every later one).
+    let mut tgid = unsafe { (*cur).tgid };
+    if tgid == 0 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        tgid = (pid_tgid >> 32) as u32;
+        unsafe {
+            (*cur).tgid = tgid;
+            (*cur).tid = pid_tgid as u32;
+        }
+    }
     if !tgid_allowed(tgid) {
         return;
     }
@@ -164,14 +187,12 @@ fn on_enter(ctx: &RawTracePointContext) {
         count_call(cfg.generation, tgid, nr);
     }
     // Last, so the measured latency leaves out our own bookkeeping.
-    let Some(cur) = SYSCALL_CUR.get_ptr_mut(0) else {
-        return;
-    };
+    let regs: u64 = ctx.arg(0);
     let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
         (*cur).ts_ns = now;
+        (*cur).regs = regs;
         (*cur).nr = nr;
-        (*cur).tid = pid_tgid as u32;
     }
 }
 
@@ -179,51 +200,57 @@ fn on_enter(ctx: &RawTracePointContext) {
 fn on_exit(ctx: &RawTracePointContext) {
     // First, so the measured latency leaves out our own bookkeeping.
     let now = unsafe { bpf_ktime_get_ns() };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !tgid_allowed(tgid) {
-        return;
-    }
     let Some(cfg) = SYSCALL_CONFIG.get(0) else {
         return;
     };
-    let ret: i64 = ctx.arg(1);
-    let tid = pid_tgid as u32;
-    let Some((start, nr)) = take_start(tid) else {
+    let regs: u64 = ctx.arg(0);
+    let Some((start, nr)) = take_start(regs) else {
         return;
     };
     if now >= start {
         record_latency(u64::from(nr), now - start);
     }
+    let ret: i64 = ctx.arg(1);
     let failed = is_error(ret);
-    if is_open(cfg, nr) {
+    let open = is_open(cfg, nr);
+    if !failed && !open {
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if open {
         let key = SyscallKey {
             tgid,
             nr,
             errno: if failed { (-ret) as u32 } else { 0 },
         };
         count(cfg.generation, &key, 1, u64::from(failed));
-    } else if failed {
+    } else {
         let key = SyscallKey { tgid, nr, errno: 0 };
         count(cfg.generation, &key, 0, 1);
     }
 }
 
-/// The start of `tid`'s syscall, consumed: from this CPU's slot when the thread was not switched
-/// out since its entry, else from [`SYSCALL_START`]. None when the thread entered before we
-/// attached, or is a new thread returning from clone (which its parent already counted):
-/// without the start we know no syscall number.
+/// The start of the current thread's syscall, consumed: from this CPU's slot when the thread
+/// (whose saved registers are at `regs`) was not switched out since its entry, else from
+/// [`SYSCALL_START`]. A start exists only for a call whose entry passed the `--pid` filter. None
+/// when the thread entered before we attached, or is a new thread returning from clone (which
+/// its parent already counted): without the start we know no syscall number.
 #[inline(always)]
-fn take_start(tid: u32) -> Option<(u64, u32)> {
+fn take_start(regs: u64) -> Option<(u64, u32)> {
     let cur = SYSCALL_CUR.get_ptr_mut(0)?;
     unsafe {
-        if (*cur).tid == tid && (*cur).ts_ns != 0 {
+        if (*cur).regs == regs && (*cur).ts_ns != 0 {
             let start = ((*cur).ts_ns, (*cur).nr);
             (*cur).ts_ns = 0;
             return Some(start);
         }
     }
-    let p = SYSCALL_START.get_ptr_mut(&tid)?;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Processes the filter drops have no start to look for.
+    if !tgid_allowed((pid_tgid >> 32) as u32) {
+        return None;
+    }
+    let p = SYSCALL_START.get_ptr_mut(&(pid_tgid as u32))?;
     unsafe {
         let start = ((*p).ts_ns, (*p).nr);
         if start.0 == 0 {
