@@ -285,11 +285,10 @@ async fn run_async(
     }
     log::info!("{caps_kept}");
     release_freed_memory();
-    if args.drop_caps {
-        drop_load_caps(&uname.release)?;
-        probes.sealed = true;
-    }
 
+    // The HTTP thread exists before the capability drop (which must reach every thread) but
+    // serves only once start-up is complete: a client that sees /healthz sees the final state.
+    let (go, ready) = std::sync::mpsc::channel::<()>();
     let (server, serving) = match listener {
         Some(listener) => {
             let addr = listener.local_addr().map_err(|e| fatal(&e))?;
@@ -309,6 +308,7 @@ async fn run_async(
                 live.clone(),
                 stop_rx.clone(),
                 security,
+                ready,
             )
             .map_err(|e| fatal(&e))?;
             // Rates for /api/v1/top, sampled every interval.
@@ -321,12 +321,19 @@ async fn run_async(
         }
         None => (None, "no HTTP endpoint (--listen none)".to_owned()),
     };
+    // After the HTTP thread exists, so that it drops them too.
+    if args.drop_caps {
+        drop_load_caps(&uname.release)?;
+        probes.sealed = true;
+    }
     log::info!(
         "tanzhen {VERSION} on {} ({}): probes {} attached; {serving}",
         uname.release,
         uname.machine,
         attached.join(",")
     );
+    // Without a server nobody listens: nothing to start.
+    let _ = go.send(());
 
     let mut running = args.clone();
     loop {
@@ -397,14 +404,16 @@ async fn run_async(
     Ok(())
 }
 
-/// Serves HTTP on a thread of its own (a current-thread runtime): a scrape never waits for a
-/// runtime worker that a probe's drain keeps busy, and a drain never waits for a slow client.
+/// Serves HTTP on a thread of its own (a current-thread runtime), from the moment `go` says
+/// start-up is complete: a scrape never waits for a runtime worker that a probe's drain keeps
+/// busy, and a drain never waits for a slow client.
 fn serve_on_own_thread(
     listener: std::net::TcpListener,
     snapshot: Arc<Snapshot>,
     live: Arc<Live>,
     stop: watch::Receiver<bool>,
     security: server::Security,
+    go: std::sync::mpsc::Receiver<()>,
 ) -> io::Result<std::thread::JoinHandle<io::Result<()>>> {
     std::thread::Builder::new()
         .name("tanzhen-http".into())
@@ -412,6 +421,10 @@ fn serve_on_own_thread(
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            if go.recv().is_err() {
+                // Start-up failed after the thread was made.
+                return Ok(());
+            }
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 server::serve(listener, snapshot, live, stop, security).await

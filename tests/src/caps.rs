@@ -91,7 +91,10 @@ fn unused_capabilities_are_dropped_in_every_thread() {
     let keep = (KEEP_RUNTIME | KEEP_LOAD) & task_caps(std::process::id())[0].1[0];
     assert_ne!(keep & (1 << 21), 0, "the tests run with CAP_SYS_ADMIN");
     let tasks = task_caps(agent.pid());
-    assert!(tasks.len() >= 3, "main thread + runtime workers: {tasks:?}");
+    assert!(
+        tasks.len() >= 4,
+        "main thread, runtime workers, HTTP thread: {tasks:?}"
+    );
     for (tid, [eff, prm, bnd]) in &tasks {
         assert_eq!(*eff, keep, "task {tid} CapEff");
         assert_eq!(*prm, keep, "task {tid} CapPrm");
@@ -139,7 +142,10 @@ fn drop_caps_leaves_only_proc_reading_in_every_thread() {
     .unwrap();
     let agent = crate::Agent::start(&["--config", config.to_str().unwrap()]);
     let tasks = task_caps(agent.pid());
-    assert!(tasks.len() >= 3, "main thread + runtime workers: {tasks:?}");
+    assert!(
+        tasks.len() >= 4,
+        "main thread, runtime workers, HTTP thread: {tasks:?}"
+    );
     for (tid, [eff, prm, bnd]) in &tasks {
         assert_eq!(*eff, KEEP_RUNTIME, "task {tid} CapEff");
         assert_eq!(*prm, KEEP_RUNTIME, "task {tid} CapPrm");
