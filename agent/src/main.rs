@@ -17,6 +17,7 @@ mod kernel;
 mod live;
 mod loader;
 mod metadata;
+mod perfbuf;
 mod probe;
 mod process;
 mod server;

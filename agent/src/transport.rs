@@ -9,20 +9,20 @@
 use std::{
     future::poll_fn,
     io,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
     task::Poll,
 };
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerfEventArray, RingBuf, perf::PerfEvent, perf::PerfEventArrayBuffer},
+    maps::{Map, MapData, RingBuf},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::probe::{ProbeError, take};
+use crate::{
+    perfbuf::PerfBuf,
+    probe::{ProbeError, take},
+};
 
 /// Pages of each per-CPU perf buffer (64 KiB with 4 KiB pages: some 200 process events or 600
 /// TCP events per CPU between two reads).
@@ -97,7 +97,11 @@ impl TransportChoice {
 
 enum Inner {
     Ring(AsyncFd<RingBuf<MapData>>),
-    Perf(Vec<AsyncFd<PerfEventArrayBuffer<MapData>>>),
+    /// The buffers, and the map that points the programs at them (kept with them).
+    Perf(
+        Vec<AsyncFd<PerfBuf>>,
+        #[expect(dead_code, reason = "held, not read")] Map,
+    ),
 }
 
 /// How often a ring buffer is read even without a wake-up: the programs wake the reader only
@@ -109,8 +113,8 @@ pub const RING_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 pub struct EventReader {
     inner: Inner,
     lost: Arc<AtomicU64>,
-    /// Ring buffer only: the [`RING_POLL_INTERVAL`] timer.
-    tick: Option<tokio::time::Interval>,
+    /// The [`RING_POLL_INTERVAL`] timer.
+    tick: tokio::time::Interval,
 }
 
 impl EventReader {
@@ -131,28 +135,30 @@ impl EventReader {
                 )
             }
             Transport::Perf => {
-                let mut array: PerfEventArray<MapData> = take(ebpf, name)?;
+                let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?;
+                let Map::PerfEventArray(data) = &map else {
+                    return Err(ProbeError::MissingMap(name));
+                };
+                let map_fd = {
+                    use std::os::fd::{AsFd as _, AsRawFd as _};
+                    data.fd().as_fd().as_raw_fd()
+                };
                 let cpus = aya::util::online_cpus()
                     .map_err(|(path, e)| io::Error::new(e.kind(), format!("{path}: {e}")))?;
                 let mut bufs = Vec::with_capacity(cpus.len());
                 for cpu in cpus {
-                    let buf = array
-                        .open(cpu, Some(PERF_PAGES))
-                        .map_err(|e| io::Error::other(format!("perf buffer of CPU {cpu}: {e}")))?;
-                    // SAFETY: the buffer's fd stays open for as long as the AsyncFd owns it.
+                    let buf = PerfBuf::open(map_fd, cpu, PERF_PAGES)?;
+                    // SAFETY: the buffer owns its fd, open for as long as the AsyncFd owns it.
                     bufs.push(
                         unsafe { AsyncFd::register_with_interest(buf, Interest::READABLE) }
                             .map_err(io::Error::from)?,
                     );
                 }
-                Inner::Perf(bufs)
+                Inner::Perf(bufs, map)
             }
         };
-        let tick = matches!(inner, Inner::Ring(_)).then(|| {
-            let mut t = tokio::time::interval(RING_POLL_INTERVAL);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            t
-        });
+        let mut tick = tokio::time::interval(RING_POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Self {
             inner,
             lost: Arc::default(),
@@ -167,7 +173,7 @@ impl EventReader {
         self.lost.clone()
     }
 
-    /// Waits until a buffer has records (woken by the kernel, or on the ring buffer's
+    /// Waits until a buffer has records (woken by the kernel, or on the
     /// [`RING_POLL_INTERVAL`] tick), then hands every available record to `f`.
     /// Cancel-safe: all the work happens inside one poll.
     pub async fn read(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) -> io::Result<()> {
@@ -175,32 +181,23 @@ impl EventReader {
         poll_fn(|cx| {
             let mut any = false;
             match inner {
-                Inner::Ring(fd) => {
-                    loop {
-                        match fd.poll_read_ready_mut(cx) {
-                            Poll::Ready(Ok(mut guard)) => {
-                                drain_ring(guard.get_inner_mut(), f);
-                                guard.clear_ready();
-                                any = true;
-                            }
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                            Poll::Pending => break,
+                Inner::Ring(fd) => loop {
+                    match fd.poll_read_ready_mut(cx) {
+                        Poll::Ready(Ok(mut guard)) => {
+                            drain_ring(guard.get_inner_mut(), f);
+                            guard.clear_ready();
+                            any = true;
                         }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => break,
                     }
-                    // Records submitted without a wake-up; polling the tick until Pending
-                    // also registers the waker for the next one.
-                    if let Some(tick) = tick {
-                        while tick.poll_tick(cx).is_ready() {
-                            any |= drain_ring(fd.get_mut(), f) > 0;
-                        }
-                    }
-                }
-                Inner::Perf(fds) => {
+                },
+                Inner::Perf(fds, _) => {
                     for fd in fds.iter_mut() {
                         loop {
                             match fd.poll_read_ready_mut(cx) {
                                 Poll::Ready(Ok(mut guard)) => {
-                                    drain_perf(guard.get_inner_mut(), lost, f);
+                                    guard.get_inner_mut().drain(lost, f);
                                     guard.clear_ready();
                                     any = true;
                                 }
@@ -210,6 +207,11 @@ impl EventReader {
                         }
                     }
                 }
+            }
+            // Records submitted without a wake-up; polling the tick until Pending also
+            // registers the waker for the next one.
+            while tick.poll_tick(cx).is_ready() {
+                any |= drain_all(inner, lost, f) > 0;
             }
             if any {
                 Poll::Ready(Ok(()))
@@ -222,16 +224,15 @@ impl EventReader {
 
     /// Hands every record still buffered to `f` without waiting (the flush at detach).
     pub fn drain(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) {
-        match &mut self.inner {
-            Inner::Ring(fd) => {
-                drain_ring(fd.get_mut(), f);
-            }
-            Inner::Perf(fds) => {
-                for fd in fds {
-                    drain_perf(fd.get_mut(), &self.lost, f);
-                }
-            }
-        }
+        drain_all(&mut self.inner, &self.lost, f);
+    }
+}
+
+/// Hands every available record of every buffer to `f`; returns how many there were.
+fn drain_all(inner: &mut Inner, lost: &AtomicU64, f: &mut (dyn FnMut(&[u8]) + Send)) -> usize {
+    match inner {
+        Inner::Ring(fd) => drain_ring(fd.get_mut(), f),
+        Inner::Perf(fds, _) => fds.iter_mut().map(|fd| fd.get_mut().drain(lost, f)).sum(),
     }
 }
 
@@ -243,21 +244,6 @@ fn drain_ring(ring: &mut RingBuf<MapData>, f: &mut (dyn FnMut(&[u8]) + Send)) ->
         n += 1;
     }
     n
-}
-
-fn drain_perf(
-    buf: &mut PerfEventArrayBuffer<MapData>,
-    lost: &AtomicU64,
-    f: &mut (dyn FnMut(&[u8]) + Send),
-) {
-    buf.for_each(|ev| match ev {
-        PerfEvent::Sample { head, tail: [] } => f(head),
-        // A sample that wraps around the end of the buffer comes in two pieces.
-        PerfEvent::Sample { head, tail } => f(&[head, tail].concat()),
-        PerfEvent::Lost { count } => {
-            lost.fetch_add(count, Ordering::Relaxed);
-        }
-    });
 }
 
 #[cfg(test)]
