@@ -167,80 +167,74 @@ impl PerfBuf {
     pub fn drain(&mut self, lost: &AtomicU64, f: &mut (dyn FnMut(&[u8]) + Send)) -> usize {
         // Acquire pairs with the kernel's store of data_head after writing the records.
         let head = self.head().load(Ordering::Acquire);
-        let mut tail = self.tail().load(Ordering::Relaxed);
-        let mut n = 0;
-        while tail < head {
-            let Some(record) = self.record(tail, head) else {
-                // A malformed header (never seen from a kernel): skip what is written so far
-                // rather than loop, and say so.
-                log::error!(
-                    "perf buffer: malformed record header at {tail} (head {head}); skipping {} bytes",
-                    head - tail
-                );
-                lost.fetch_add(1, Ordering::Relaxed);
-                tail = head;
-                break;
-            };
-            let (kind, size) = (record.0, record.1);
-            let body = self.bytes(tail, size);
-            match kind {
-                PERF_RECORD_SAMPLE if body.len() >= 12 => {
-                    let raw = u32::from_ne_bytes(body[8..12].try_into().expect("4 bytes")) as usize;
-                    let end = (12 + raw).min(body.len());
-                    f(&body[12..end]);
-                    n += 1;
-                }
-                PERF_RECORD_LOST if body.len() >= 24 => {
-                    let count = u64::from_ne_bytes(body[16..24].try_into().expect("8 bytes"));
-                    lost.fetch_add(count, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-            tail += size as u64;
-        }
+        let tail = self.tail().load(Ordering::Relaxed);
+        // SAFETY: the data area is mapped for the life of `self`; the kernel writes only
+        // beyond `head` until it sees our new tail, and `walk` reads only below `head`.
+        let data = unsafe {
+            std::slice::from_raw_parts(
+                self.base.as_ptr().add(self.page_size).cast_const(),
+                self.data_size,
+            )
+        };
+        let (tail, n) = walk(data, tail, head, &mut self.scratch, lost, f);
         // Release: the kernel may reuse the space once it sees the new tail.
         self.tail().store(tail, Ordering::Release);
         n
     }
+}
 
-    /// Type and size of the record at `pos`, if its header is sane.
-    fn record(&self, pos: u64, head: u64) -> Option<(u32, usize)> {
-        let off = (pos as usize) & (self.data_size - 1);
-        // Headers are 8-byte aligned and the data area a multiple of 8: never split.
-        // SAFETY: off + 8 <= data_size, inside the mapped data area.
-        let h = unsafe {
-            std::ptr::read_volatile(
-                self.base
-                    .as_ptr()
-                    .add(self.page_size + off)
-                    .cast::<[u8; 8]>(),
-            )
-        };
+/// Walks the records of the data area `data` (a power of two long) from position `tail` to
+/// `head`: samples' raw bytes go to `f`, lost counts to `lost`. Returns the new tail and the
+/// number of samples. A malformed header (never seen from a kernel) is logged and counted as
+/// one lost sample, and everything up to `head` skipped rather than looped on.
+fn walk(
+    data: &[u8],
+    mut tail: u64,
+    head: u64,
+    scratch: &mut Vec<u8>,
+    lost: &AtomicU64,
+    f: &mut (dyn FnMut(&[u8]) + Send),
+) -> (u64, usize) {
+    let mask = data.len() - 1;
+    let mut n = 0;
+    while tail < head {
+        // Headers are 8-byte aligned and the area a multiple of 8: never split.
+        let off = (tail as usize) & mask;
+        let h = &data[off..off + 8];
         let kind = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]);
         let size = usize::from(u16::from_ne_bytes([h[6], h[7]]));
-        (size >= 8 && size <= self.data_size && pos + size as u64 <= head).then_some((kind, size))
-    }
-
-    /// The `len` bytes at `pos`, copied into the scratch buffer when they wrap around.
-    fn bytes(&mut self, pos: u64, len: usize) -> &[u8] {
-        let off = (pos as usize) & (self.data_size - 1);
-        let data = self.base.as_ptr().wrapping_add(self.page_size);
-        if off + len <= self.data_size {
-            // SAFETY: inside the mapped data area; the kernel does not write past data_head,
-            // and this range is below it.
-            return unsafe { std::slice::from_raw_parts(data.add(off), len) };
+        if size < 8 || size > data.len() || tail + size as u64 > head {
+            log::error!(
+                "perf buffer: malformed record header at {tail} (head {head}); skipping {} bytes",
+                head - tail
+            );
+            lost.fetch_add(1, Ordering::Relaxed);
+            return (head, n);
         }
-        let first = self.data_size - off;
-        self.scratch.clear();
-        // SAFETY: both pieces lie inside the data area.
-        unsafe {
-            self.scratch
-                .extend_from_slice(std::slice::from_raw_parts(data.add(off), first));
-            self.scratch
-                .extend_from_slice(std::slice::from_raw_parts(data, len - first));
+        let body: &[u8] = if off + size <= data.len() {
+            &data[off..off + size]
+        } else {
+            // The record wraps around the end of the area: make it contiguous.
+            scratch.clear();
+            scratch.extend_from_slice(&data[off..]);
+            scratch.extend_from_slice(&data[..size - (data.len() - off)]);
+            scratch
+        };
+        match kind {
+            PERF_RECORD_SAMPLE if body.len() >= 12 => {
+                let raw = u32::from_ne_bytes(body[8..12].try_into().expect("4 bytes")) as usize;
+                f(&body[12..(12 + raw).min(body.len())]);
+                n += 1;
+            }
+            PERF_RECORD_LOST if body.len() >= 24 => {
+                let count = u64::from_ne_bytes(body[16..24].try_into().expect("8 bytes"));
+                lost.fetch_add(count, Ordering::Relaxed);
+            }
+            _ => {}
         }
-        &self.scratch
+        tail += size as u64;
     }
+    (tail, n)
 }
 
 impl Drop for PerfBuf {
@@ -287,4 +281,109 @@ fn map_set(map_fd: RawFd, cpu: u32, fd: RawFd) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `rec` at stream position `pos` of the ring `data`, wrapping like the kernel.
+    fn put(data: &mut [u8], pos: u64, rec: &[u8]) {
+        let len = data.len();
+        for (i, b) in rec.iter().enumerate() {
+            data[(pos as usize + i) % len] = *b;
+        }
+    }
+
+    fn header(kind: u32, size: usize) -> Vec<u8> {
+        let mut h = kind.to_ne_bytes().to_vec();
+        h.extend_from_slice(&0u16.to_ne_bytes());
+        h.extend_from_slice(&u16::try_from(size).unwrap().to_ne_bytes());
+        h
+    }
+
+    /// A sample record carrying `payload` padded like the kernel's (raw size + 4 to 8 bytes).
+    fn sample(payload: &[u8]) -> Vec<u8> {
+        let raw = (payload.len() + 4).next_multiple_of(8) - 4;
+        let mut r = header(PERF_RECORD_SAMPLE, 8 + 4 + raw);
+        r.extend_from_slice(&u32::try_from(raw).unwrap().to_ne_bytes());
+        r.extend_from_slice(payload);
+        r.resize(8 + 4 + raw, 0);
+        r
+    }
+
+    fn lost_record(count: u64) -> Vec<u8> {
+        let mut r = header(PERF_RECORD_LOST, 24);
+        r.extend_from_slice(&7u64.to_ne_bytes());
+        r.extend_from_slice(&count.to_ne_bytes());
+        r
+    }
+
+    fn run(data: &[u8], tail: u64, head: u64) -> (u64, Vec<Vec<u8>>, u64) {
+        let lost = AtomicU64::new(0);
+        let mut got = Vec::new();
+        let mut scratch = Vec::new();
+        let (t, n) = walk(data, tail, head, &mut scratch, &lost, &mut |b| {
+            got.push(b.to_vec());
+        });
+        assert_eq!(n, got.len());
+        (t, got, lost.into_inner())
+    }
+
+    #[test]
+    fn samples_lost_records_and_wrap_around() {
+        let mut data = vec![0u8; 128];
+        // 88 bytes of records from 16 bytes before the end: the first sample wraps (its header
+        // does not: headers are 8-byte aligned); positions keep growing past the size.
+        let start = 128 * 3 + 112;
+        let recs = [
+            sample(b"abcdef"),
+            sample(b"0123456789"),
+            lost_record(5),
+            sample(b"z"),
+        ];
+        let mut pos = start;
+        for r in &recs {
+            put(&mut data, pos, r);
+            pos += r.len() as u64;
+        }
+        let (tail, got, lost) = run(&data, start, pos);
+        assert_eq!(tail, pos);
+        assert_eq!(lost, 5);
+        assert_eq!(got.len(), 3);
+        // Payloads come with the kernel's padding after them.
+        assert!(
+            got[0].starts_with(b"abcdef") && got[0].len() == 12,
+            "{:?}",
+            got[0]
+        );
+        assert!(
+            got[1].starts_with(b"0123456789") && got[1].len() == 12,
+            "{:?}",
+            got[1]
+        );
+        assert!(
+            got[2].starts_with(b"z") && got[2].len() == 4,
+            "{:?}",
+            got[2]
+        );
+    }
+
+    #[test]
+    fn nothing_new_reads_nothing() {
+        let data = vec![0u8; 64];
+        assert_eq!(run(&data, 128, 128), (128, Vec::new(), 0));
+    }
+
+    #[test]
+    fn a_malformed_header_is_counted_and_skipped() {
+        let mut data = vec![0u8; 64];
+        put(&mut data, 0, &header(PERF_RECORD_SAMPLE, 4));
+        let (tail, got, lost) = run(&data, 0, 32);
+        assert_eq!((tail, got.len(), lost), (32, 0, 1));
+        // A record claiming more than was written.
+        put(&mut data, 0, &header(PERF_RECORD_SAMPLE, 48));
+        let (tail, got, lost) = run(&data, 0, 32);
+        assert_eq!((tail, got.len(), lost), (32, 0, 1));
+    }
 }
