@@ -20,14 +20,17 @@
 //! - the start time and number live in a per-CPU slot tagged with the thread's saved-registers
 //!   address (the tracepoints' `regs` argument, so the exit's fast path needs no helper call
 //!   for the thread id) and its id, written at entry and read at exit: no hash lookup on the
-//!   way in or out. A thread that is switched out
-//!   inside a syscall (it blocked, or was preempted) has its slot moved into an LRU hash keyed by
-//!   thread id by a program on the `sched_switch` raw tracepoint, and its exit, on whichever CPU,
-//!   finds it there. Context switches inside syscalls are far rarer than syscalls;
+//!   way in or out. The slot also caches the running thread's tgid from its first syscall
+//!   after it was switched in, so later entries make no helper call for it. A thread that is
+//!   switched out inside a syscall (it blocked, or was preempted) has its slot moved into an LRU
+//!   hash keyed by thread id by a program on the `sched_switch` raw tracepoint (which also
+//!   clears the cached tgid), and its exit, on whichever CPU, finds it there. Context switches
+//!   inside syscalls are far rarer than syscalls;
 //! - latency goes into a per-CPU array row per syscall number (log2 slots plus a ns sum).
 //!
-//! Counts (runs and hash) are written to one of two map generations chosen by [`SYSCALL_CONFIG`]; userspace
-//! flips the generation and drains the idle one, so no increment is lost to a read/delete race.
+//! Counts (runs and hash) are written to one of two map generations chosen by
+//! [`SYSCALL_CONFIG`]; userspace flips the generation and drains the idle one, so no increment
+//! is lost to a read/delete race.
 //! A full generation is counted in [`SYSCALL_LOST`], never silent.
 
 use agent_common::{
@@ -282,6 +285,7 @@ fn record_latency(nr: u64, ns: u64) {
 
 /// One call of `nr` by `tgid`: added to this CPU's run of that number when `tgid` owns it, else
 /// the run is moved into the counts hash and `tgid` starts a new one.
+///
 /// One call site per generation: the verifier inlines an array lookup only where the map is
 /// the same on every path, so picking the map first and looking up once would cost a helper
 /// call.
