@@ -8,7 +8,8 @@
 //! [`BENCH_LOST`].
 
 use agent_common::bench::{
-    BENCH_EVENTS_BYTES, BENCH_MAX_EVENTS_PER_CALL, BENCH_LOST_REASONS, BENCH_LOST_RINGBUF_FULL, BenchConfig, BenchEvent,
+    BENCH_EVENTS_BYTES, BENCH_LOST_REASONS, BENCH_LOST_RINGBUF_FULL, BENCH_MAX_EVENTS_PER_CALL,
+    BenchConfig, BenchEvent,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},

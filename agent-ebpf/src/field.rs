@@ -32,7 +32,13 @@ pub fn read_known<T: Copy>(
     if known_layout {
         // SAFETY: a constant offset inside the record (the verifier checks it), naturally
         // aligned for T in the known layout.
-        Ok(unsafe { ctx.as_ptr().cast::<u8>().add(known as usize).cast::<T>().read() })
+        Ok(unsafe {
+            ctx.as_ptr()
+                .cast::<u8>()
+                .add(known as usize)
+                .cast::<T>()
+                .read()
+        })
     } else {
         read(ctx, offset)
     }

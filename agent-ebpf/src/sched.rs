@@ -30,8 +30,8 @@ use agent_common::{
     sched::{
         PROC_EVENT_EXEC, PROC_EVENT_EXIT, ProcEvent, RunqHist, RunqKey, RunqStart,
         SCHED_EVENTS_BYTES, SCHED_LOST_MAP_FULL, SCHED_LOST_READ_ERROR, SCHED_LOST_REASONS,
-        SCHED_LOST_RINGBUF_FULL, SCHED_READY_KNOWN, SCHED_RUNQ_HIST_MAX, SCHED_RUNQ_START_MAX, SCHED_SWITCHES_MAX,
-        SchedConfig, SwitchCounts, SwitchKey, known,
+        SCHED_LOST_RINGBUF_FULL, SCHED_READY_KNOWN, SCHED_RUNQ_HIST_MAX, SCHED_RUNQ_START_MAX,
+        SCHED_SWITCHES_MAX, SchedConfig, SwitchCounts, SwitchKey, known,
     },
 };
 use aya_ebpf::{

@@ -38,8 +38,8 @@ use agent_common::{
     syscalls::{
         SYSCALL_COUNTS_MAX, SYSCALL_HIST_ROWS, SYSCALL_HIST_SLOTS, SYSCALL_HIST_SUM,
         SYSCALL_LOST_MAP_FULL, SYSCALL_LOST_REASONS, SYSCALL_NR_MAX, SYSCALL_START_MAX,
-        SyscallConfig, SyscallHistRow, SyscallKey, SyscallRun, SyscallStart, SyscallStat,
-        hist_row, hist_slot, is_error,
+        SyscallConfig, SyscallHistRow, SyscallKey, SyscallRun, SyscallStart, SyscallStat, hist_row,
+        hist_slot, is_error,
     },
 };
 use aya_ebpf::{

@@ -13,10 +13,7 @@
 //! of current kernels, fields are plain loads at constant offsets (no `bpf_probe_read` per
 //! field: this program runs on every TCP state change). Every drop is counted in [`TCP_LOST`].
 
-use crate::{
-    field,
-    transport::Events,
-};
+use crate::{field, transport::Events};
 use agent_common::{
     COMM_LEN,
     tcp::{

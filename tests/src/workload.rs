@@ -115,18 +115,8 @@ impl Worker {
         )
         .unwrap();
         let (mut cmd, mut done) = ([0; 2], [0; 2]);
-        // SAFETY: CPU_SET writes into the zeroed sets, within their size.
-        let cpu_sets: [libc::cpu_set_t; 2] = std::array::from_fn(|cpu| unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            set
-        });
-        // SAFETY: as above.
-        let pin_set: Option<libc::cpu_set_t> = w.pin_cpu.map(|cpu| unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            set
-        });
+        let cpu_sets: [libc::cpu_set_t; 2] = std::array::from_fn(cpu_set);
+        let pin_set = w.pin_cpu.map(cpu_set);
         // SAFETY: plain syscalls; after fork the child only makes async-signal-safe calls on
         // memory prepared before the fork, then `_exit`s.
         unsafe {
@@ -286,15 +276,22 @@ pub fn set_comm(name: &str) {
     assert_eq!(rc, 0, "prctl(PR_SET_NAME)");
 }
 
-/// Pins the calling thread to `cpu`.
-pub fn pin(cpu: usize) {
+/// The CPU set holding only `cpu`.
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
     // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
-        assert_eq!(rc, 0, "sched_setaffinity to CPU {cpu}");
+        set
     }
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin(cpu: usize) {
+    let set = cpu_set(cpu);
+    // SAFETY: a valid, correctly sized CPU set.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
+    assert_eq!(rc, 0, "sched_setaffinity to CPU {cpu}");
 }
 
 pub fn require_cpus(n: usize) {

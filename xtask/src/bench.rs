@@ -524,26 +524,32 @@ fn wait_attached(pid: u32, tool: &str) -> anyhow::Result<()> {
     bail!("{tool} attached nothing within 60 s")
 }
 
-/// The `usecs/op` of a perf benchmark, single-threaded,, pinned to the last CPU at real-time priority
-/// (`chrt -f 50 taskset -c N`): the probes run inside the benchmark's own syscalls, so this
-/// changes no cost being measured, while other work on a shared machine (builds) can no longer
-/// preempt it and inflate one configuration's figure at random.
-fn perf_usecs_isolated(args: &[&str]) -> anyhow::Result<f64> {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let last = (cpus - 1).to_string();
-    let mut cmd = vec!["-f", "50", "taskset", "-c", &last, "perf"];
-    cmd.extend_from_slice(args);
-    perf_output("chrt", &cmd)
+/// The CPU the single-threaded workloads are pinned to: the last one.
+fn last_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get) - 1
 }
 
-/// The `usecs/op` of a perf benchmark with every thread of the benchmark on the last CPU (`taskset -c N`), at
-/// normal priority.
+/// The `usecs/op` of a single-threaded perf benchmark, pinned to the last CPU at real-time
+/// priority (`chrt -f 50 taskset -c N`): the probes run inside the benchmark's own syscalls,
+/// so this changes no cost being measured, while other work on a shared machine (builds) can
+/// no longer preempt it and inflate one configuration's figure at random.
+fn perf_usecs_isolated(args: &[&str]) -> anyhow::Result<f64> {
+    perf_on_last_cpu(&["chrt", "-f", "50"], args)
+}
+
+/// The `usecs/op` of a perf benchmark with every thread of the benchmark on the last CPU
+/// (`taskset -c N`), at normal priority.
 fn perf_usecs_pinned(args: &[&str]) -> anyhow::Result<f64> {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let last = (cpus - 1).to_string();
-    let mut cmd = vec!["-c", &last, "perf"];
+    perf_on_last_cpu(&[], args)
+}
+
+/// `<wrapper...> taskset -c <last CPU> perf <args>`, its `usecs/op`.
+fn perf_on_last_cpu(wrapper: &[&str], args: &[&str]) -> anyhow::Result<f64> {
+    let last = last_cpu().to_string();
+    let mut cmd = wrapper.to_vec();
+    cmd.extend_from_slice(&["taskset", "-c", &last, "perf"]);
     cmd.extend_from_slice(args);
-    perf_output("taskset", &cmd)
+    perf_output(cmd[0], &cmd[1..])
 }
 
 fn perf_output(program: &str, args: &[&str]) -> anyhow::Result<f64> {
@@ -581,11 +587,10 @@ fn tcp_connect_rate(n: usize) -> anyhow::Result<f64> {
 /// Pins the calling thread to the last CPU and gives it SCHED_FIFO priority 50 (best effort:
 /// a failure only makes the figures noisier, so it is reported, not fatal).
 fn isolate_this_thread() {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     // SAFETY: plain syscalls on the calling thread with correctly sized, initialised arguments.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpus - 1, &mut set);
+        libc::CPU_SET(last_cpu(), &mut set);
         let param = libc::sched_param { sched_priority: 50 };
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0
             || libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const param) != 0

@@ -12,12 +12,18 @@ use std::fmt;
 
 use crate::kernel::KernelError;
 
-/// Why a probe could not attach or run.
 /// Testing only: set, the tracepoint programs (tcp, sched) read record fields through the tracefs
 /// offsets even on kernels with the known layout, as they do on kernels with another one (the
 /// e2e suite's old-kernel pass sets it).
-pub const READ_BY_OFFSET_ENV: &str = "TANZHEN_TEST_READ_BY_OFFSET";
+const READ_BY_OFFSET_ENV: &str = "TANZHEN_TEST_READ_BY_OFFSET";
 
+/// Whether [`READ_BY_OFFSET_ENV`] asks the tracepoint programs to take the offsets path.
+#[must_use]
+pub fn read_by_offset_forced() -> bool {
+    std::env::var_os(READ_BY_OFFSET_ENV).is_some()
+}
+
+/// Why a probe could not attach or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("probe `{probe}` cannot run on this kernel: {reason}")]

@@ -397,7 +397,7 @@ impl SchedProbe {
     ) -> Result<Self, ProbeError> {
         let mut cfg = config(&SchedFormats::read(tracefs)?)?;
         // Testing only: take the path of kernels with another record layout.
-        if std::env::var_os(crate::probe::READ_BY_OFFSET_ENV).is_some() {
+        if crate::probe::read_by_offset_forced() {
             cfg.ready = SCHED_READY;
         }
         log::debug!("sched tracepoint layout: {cfg:?}");

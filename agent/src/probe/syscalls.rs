@@ -169,6 +169,18 @@ pub struct Totals {
     pub comm: [u8; agent_common::COMM_LEN],
 }
 
+impl Totals {
+    /// Adds one CPU's counts; a recorded name (NUL-padded, empty when none) replaces the one
+    /// held so far.
+    fn add(&mut self, calls: u64, errors: u64, comm: &[u8; agent_common::COMM_LEN]) {
+        self.calls += calls;
+        self.errors += errors;
+        if comm[0] != 0 {
+            self.comm = *comm;
+        }
+    }
+}
+
 /// Folds drained (tgid, nr, errno) totals into the metrics. `comm_of` names a process from its
 /// tgid and the kernel-recorded thread name and gives its workload labels (`None` when the
 /// comm filter drops it). Returns the syscall numbers seen.
@@ -455,11 +467,7 @@ fn take_all(
             Ok(per_cpu) => {
                 let t = into.entry(key).or_default();
                 for v in per_cpu.iter() {
-                    t.calls += v.calls;
-                    t.errors += v.errors;
-                    if v.comm[0] != 0 {
-                        t.comm = v.comm;
-                    }
+                    t.add(v.calls, v.errors, &v.comm);
                 }
             }
             Err(e) => log::debug!("syscalls: reading {key:?}: {e}"),
@@ -486,17 +494,12 @@ fn take_runs(runs: &mut PerCpuArray<MapData, SyscallRun>, into: &mut BTreeMap<Sy
         let mut any = false;
         for run in per_cpu.iter().filter(|r| r.calls != 0) {
             any = true;
-            let t = into
-                .entry(SyscallKey {
-                    tgid: run.tgid,
-                    nr,
-                    errno: 0,
-                })
-                .or_default();
-            t.calls += run.calls;
-            if run.comm[0] != 0 {
-                t.comm = run.comm;
-            }
+            let key = SyscallKey {
+                tgid: run.tgid,
+                nr,
+                errno: 0,
+            };
+            into.entry(key).or_default().add(run.calls, 0, &run.comm);
         }
         if !any {
             continue;

@@ -439,7 +439,7 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> 
     let mut off = offsets(&format)?;
     // Testing only: take the path of kernels with another record layout (the e2e suite's
     // old-kernel pass sets it).
-    if std::env::var_os(super::READ_BY_OFFSET_ENV).is_some() {
+    if super::read_by_offset_forced() {
         off.ready = TCP_TP_READY;
     }
     log::debug!(
