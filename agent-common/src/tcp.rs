@@ -9,13 +9,21 @@ pub const TCP_EVENTS: &str = "TCP_EVENTS";
 pub const TCP_TP_OFFSETS: &str = "TCP_TP_OFFSETS";
 /// `PerCpuArray<u64>` indexed by `TCP_LOST_*`.
 pub const TCP_LOST: &str = "TCP_LOST";
-/// `HashMap<u64, TcpConnectStart>`: connects in flight, keyed by socket address.
+/// Connects in flight, keyed by socket address: an `Array` of [`TCP_CONNECT_SETS`] sets of
+/// [`TCP_CONNECT_WAYS`] slots (a set-associative table the programs claim slots of with atomic
+/// adds: no hash map update and delete per connect).
 pub const TCP_CONNECTS: &str = "TCP_CONNECTS";
 /// `HashMap<u32, TcpListener>`: listening sockets, keyed by local port.
 pub const TCP_LISTENERS: &str = "TCP_LISTENERS";
 
-/// Capacity of [`TCP_CONNECTS`]: connects in SYN_SENT at one time.
+/// Capacity of [`TCP_CONNECTS`]: connects in SYN_SENT at one time (at most
+/// [`TCP_CONNECT_WAYS`] of them in one set).
 pub const TCP_CONNECTS_MAX: u32 = 16_384;
+/// Slots per set of [`TCP_CONNECTS`].
+pub const TCP_CONNECT_WAYS: u32 = 4;
+/// Sets of [`TCP_CONNECTS`] (a power of two).
+pub const TCP_CONNECT_SETS: u32 = TCP_CONNECTS_MAX / TCP_CONNECT_WAYS;
+const _: () = assert!(TCP_CONNECT_SETS.is_power_of_two());
 /// Capacity of [`TCP_LISTENERS`].
 pub const TCP_LISTENERS_MAX: u32 = 4_096;
 /// Ring buffer size in bytes (a power of two multiple of the page size).
@@ -23,7 +31,8 @@ pub const TCP_EVENTS_BYTES: u32 = 256 * 1024;
 
 /// Drop reasons, the indices of [`TCP_LOST`].
 pub const TCP_LOST_RINGBUF_FULL: u32 = 0;
-/// A connect could not be tracked because [`TCP_CONNECTS`] was full.
+/// A connect could not be tracked because its set of [`TCP_CONNECTS`] was full (or a listener
+/// because [`TCP_LISTENERS`] was).
 pub const TCP_LOST_MAP_FULL: u32 = 1;
 /// A field could not be read from the tracepoint record.
 pub const TCP_LOST_READ_ERROR: u32 = 2;
@@ -86,8 +95,9 @@ impl TcpTpOffsets {
 /// `Array<TcpSockOffsets>` with one entry: `struct sock_common` offsets for the kprobe path.
 pub const TCP_SOCK_OFFSETS: &str = "TCP_SOCK_OFFSETS";
 
-/// Byte offsets of the `struct sock_common` fields the kprobe path reads (`--tcp-attach
-/// kprobe`), from the kernel's BTF when it has some, else [`TcpSockOffsets::DEFAULT`].
+/// Byte offsets of the `struct sock` fields the raw tracepoint and kprobe paths read, from the
+/// kernel's BTF when it has some, else [`TcpSockOffsets::DEFAULT`] (kprobe path only: the raw
+/// tracepoint needs `protocol`, which only BTF gives).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSockOffsets {
@@ -107,18 +117,31 @@ pub struct TcpSockOffsets {
     pub v6_daddr: u32,
     /// `skc_v6_rcv_saddr`.
     pub v6_rcv_saddr: u32,
-    /// 1 once userspace has filled the entry; the programs ignore calls until then.
+    /// `sk_protocol`: the byte where it starts, read as a u16 and masked with
+    /// [`Self::protocol_mask`] (an 8-bit bitfield before Linux 5.6, a u16 since);
+    /// [`FIELD_ABSENT`] when unknown.
+    pub protocol: u32,
+    /// `0xff` or `0xffff`, see [`Self::protocol`].
+    pub protocol_mask: u32,
+    /// [`TCP_SOCK_READY`] or [`TCP_SOCK_READY_DEFAULT`] once userspace has filled the entry;
+    /// the programs ignore calls until then.
     pub ready: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for TcpSockOffsets {}
+
+/// [`TcpSockOffsets::ready`]: filled; each field is read at its offset.
+pub const TCP_SOCK_READY: u32 = 1;
+/// [`TcpSockOffsets::ready`]: filled, and the IPv4 addresses, ports and family sit where
+/// [`TcpSockOffsets::DEFAULT`] has them (the first 18 bytes): the programs read them at once.
+pub const TCP_SOCK_READY_DEFAULT: u32 = 2;
 
 impl TcpSockOffsets {
     /// `struct sock_common` on 64-bit kernels (x86_64 and arm64 alike) from 4.x to 6.x with
     /// CONFIG_NET_NS and CONFIG_IPV6 (every distribution kernel): `skc_addrpair` at 0,
     /// `skc_hash` 8, `skc_portpair` 12, `skc_family` 16, `skc_state` 18, `skc_bound_dev_if` 20,
     /// the bind node union 24, `skc_prot` 40, `skc_net` 48, then the IPv6 addresses at 56 and
-    /// 72. Used when there is no BTF to read them from (`ready` is 1).
+    /// 72. Used when there is no BTF to read them from.
     pub const DEFAULT: Self = Self {
         daddr: 0,
         rcv_saddr: 4,
@@ -128,7 +151,9 @@ impl TcpSockOffsets {
         state: 18,
         v6_daddr: 56,
         v6_rcv_saddr: 72,
-        ready: 1,
+        protocol: FIELD_ABSENT,
+        protocol_mask: 0,
+        ready: TCP_SOCK_READY_DEFAULT,
     };
 }
 

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use crate::{config::tgid_allowed, field, transport::Events};
 
 #[map]
-static BENCH_EVENTS: Events<BenchEvent> = Events::new(BENCH_EVENTS_BYTES);
+static BENCH_EVENTS: Events<BenchEvent, BENCH_EVENTS_BYTES> = Events::new();
 
 #[map]
 static BENCH_CONFIG: Array<BenchConfig> = Array::with_max_entries(1, 0);

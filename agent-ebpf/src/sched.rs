@@ -67,7 +67,7 @@ static SCHED_SWITCHES: PerCpuHashMap<SwitchKey, SwitchCounts> =
     PerCpuHashMap::with_max_entries(SCHED_SWITCHES_MAX, 0);
 
 #[map]
-static SCHED_EVENTS: Events<ProcEvent> = Events::new(SCHED_EVENTS_BYTES);
+static SCHED_EVENTS: Events<ProcEvent, SCHED_EVENTS_BYTES> = Events::new();
 
 #[map]
 static SCHED_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(SCHED_LOST_REASONS, 0);

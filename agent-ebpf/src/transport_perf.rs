@@ -27,19 +27,19 @@ static EVENT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0)
 
 /// An event channel carrying `T`s (a `#[map]` static).
 #[repr(transparent)]
-pub struct Events<T> {
+pub struct Events<T, const BYTES: u32> {
     perf: PerfEventArray<T>,
     _t: PhantomData<T>,
 }
 
 // SAFETY: a map definition; the kernel synchronises access.
-unsafe impl<T> Sync for Events<T> {}
+unsafe impl<T, const BYTES: u32> Sync for Events<T, BYTES> {}
 
-impl<T: 'static> Events<T> {
-    /// A channel; `_byte_size` is the ring buffer object's size (perf buffers are sized per
+impl<T: 'static, const BYTES: u32> Events<T, BYTES> {
+    /// A channel; `BYTES` is the ring buffer object's size (perf buffers are sized per
     /// CPU by userspace).
     #[must_use]
-    pub const fn new(_byte_size: u32) -> Self {
+    pub const fn new() -> Self {
         const {
             assert!(core::mem::size_of::<T>() <= core::mem::size_of::<Scratch>());
         }
@@ -51,7 +51,7 @@ impl<T: 'static> Events<T> {
 
     /// This CPU's scratch slot for one event; `None` only if the map lookup fails.
     #[inline(always)]
-    pub fn reserve(&self) -> Option<Reserved<'_, T>> {
+    pub fn reserve(&self) -> Option<Reserved<'_, T, BYTES>> {
         let p = EVENT_SCRATCH.get_ptr_mut(0)?;
         Some(Reserved {
             events: self,
@@ -61,12 +61,12 @@ impl<T: 'static> Events<T> {
 }
 
 /// A reserved event (in the scratch slot).
-pub struct Reserved<'a, T> {
-    events: &'a Events<T>,
+pub struct Reserved<'a, T, const BYTES: u32> {
+    events: &'a Events<T, BYTES>,
     ptr: *mut T,
 }
 
-impl<T: 'static> Reserved<'_, T> {
+impl<T: 'static, const BYTES: u32> Reserved<'_, T, BYTES> {
     /// Where to write the event.
     #[inline(always)]
     pub fn as_mut_ptr(&mut self) -> *mut T {

@@ -204,8 +204,19 @@ async fn run_async(
         .btf_source(kernel::has_btf())
         .map_err(RunError::Usage)?;
     let btf = btf_source.load().map_err(RunError::Usage)?;
-    let tcp_attach = args.compat.tcp_attach.resolve(Some(&tracefs.path));
-    if args.probes.contains(&ProbeKind::Tcp)
+    // The raw tracepoint and kprobe paths read struct offsets from the raw BTF.
+    let tcp = args.probes.contains(&ProbeKind::Tcp);
+    let btf_bytes = if tcp {
+        btf_source.bytes().map_err(RunError::Usage)?
+    } else {
+        None
+    };
+    let raw_offsets = crate::probe::tcp::raw_tracepoint_offsets(btf_bytes.as_deref());
+    let tcp_attach = args
+        .compat
+        .tcp_attach
+        .resolve(Some(&tracefs.path), raw_offsets.is_ok());
+    if tcp
         && args.compat.tcp_attach == crate::compat::TcpAttachChoice::Kprobe
         && let Err(why) = crate::features::kprobes(Some(&tracefs.path))
     {
@@ -213,10 +224,17 @@ async fn run_async(
             "--tcp-attach kprobe: this kernel cannot attach kprobes ({why}); use --tcp-attach auto or tracepoint"
         )));
     }
-    // The kprobe path reads struct offsets from the raw BTF.
+    if tcp
+        && args.compat.tcp_attach == crate::compat::TcpAttachChoice::RawTracepoint
+        && let Err(why) = &raw_offsets
+    {
+        return Err(RunError::Fatal(format!(
+            "--tcp-attach raw-tracepoint: no struct sock offsets ({why}); use --tcp-attach auto or tracepoint"
+        )));
+    }
     let btf_bytes = match tcp_attach {
-        crate::compat::TcpAttach::Kprobe => btf_source.bytes().map_err(RunError::Usage)?,
         crate::compat::TcpAttach::Tracepoint => None,
+        _ => btf_bytes,
     };
     log::info!(
         "event transport: {}; BTF: {}; tcp attach: {}",

@@ -1,6 +1,7 @@
-//! A minimal reader of BTF type information: the byte offsets of named members of a struct
-//! (through anonymous unions and structs), which aya does not expose. The kprobe TCP path uses
-//! it for `struct sock_common` when the kernel has BTF (or `--btf-path` names a file).
+//! A minimal reader of BTF type information: the offsets and sizes of named members of a struct
+//! (through anonymous unions and structs), which aya does not expose. The TCP probe's raw
+//! tracepoint and kprobe paths use it for `struct sock` when the kernel has BTF (or
+//! `--btf-path` names a file).
 //!
 //! Format: <https://docs.kernel.org/bpf/btf.html> (header, type section, string section).
 
@@ -12,6 +13,9 @@ const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -25,6 +29,17 @@ struct Member {
     type_id: u32,
     /// Offset in bits.
     bit_offset: u32,
+    /// Width of a bitfield in bits; 0 for a plain member.
+    bitfield_size: u32,
+}
+
+/// Where a member is and how wide it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberBits {
+    /// Offset from the start of the struct, in bits.
+    pub bit_offset: u32,
+    /// Width in bits: the bitfield's, else its type's size.
+    pub bits: u32,
 }
 
 /// A parsed struct or union.
@@ -41,6 +56,8 @@ pub struct Types<'a> {
     composites: HashMap<u32, Composite>,
     /// struct name -> type id (the first one, for names that occur more than once).
     structs: HashMap<String, u32>,
+    /// type id - 1 -> (kind, the header's size-or-type word), for member sizes.
+    kinds: Vec<(u32, u32)>,
 }
 
 fn u32_at(d: &[u8], off: usize) -> Result<u32, String> {
@@ -73,6 +90,7 @@ impl<'a> Types<'a> {
             strings,
             composites: HashMap::new(),
             structs: HashMap::new(),
+            kinds: Vec::new(),
         };
         let mut pos = 0;
         let mut id = 1u32;
@@ -82,6 +100,7 @@ impl<'a> Types<'a> {
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 == 1;
+            t.kinds.push((kind, u32_at(types, pos + 8)?));
             pos += 12;
             let extra = match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
@@ -100,6 +119,7 @@ impl<'a> Types<'a> {
                         type_id: u32_at(types, m + 4)?,
                         // With kind_flag the top 8 bits hold a bitfield's size.
                         bit_offset: if kind_flag { off & 0x00ff_ffff } else { off },
+                        bitfield_size: if kind_flag { off >> 24 } else { 0 },
                     });
                 }
                 if kind == KIND_STRUCT && name_off != 0 {
@@ -135,7 +155,51 @@ impl<'a> Types<'a> {
             .ok_or_else(|| format!("BTF struct {strukt} has no member {name}"))
     }
 
+    /// Offset and width of member `name` of struct `strukt` (see [`Self::member_offset`]).
+    pub fn member_bits(&self, strukt: &str, name: &str) -> Result<MemberBits, String> {
+        let id = *self
+            .structs
+            .get(strukt)
+            .ok_or_else(|| format!("BTF has no struct {strukt}"))?;
+        let (bit_offset, m) = self
+            .find_member(id, name, 0, 0)?
+            .ok_or_else(|| format!("BTF struct {strukt} has no member {name}"))?;
+        let bits = if m.bitfield_size != 0 {
+            m.bitfield_size
+        } else {
+            self.type_size(m.type_id, 0)
+                .map(|b| b * 8)
+                .ok_or_else(|| format!("BTF: no size for the type of {strukt}.{name}"))?
+        };
+        Ok(MemberBits { bit_offset, bits })
+    }
+
+    /// Size in bytes of type `id`, through typedefs and qualifiers (ints, enums, structs).
+    fn type_size(&self, id: u32, depth: u32) -> Option<u32> {
+        let &(kind, size_or_type) = self.kinds.get(usize::try_from(id).ok()?.checked_sub(1)?)?;
+        match kind {
+            KIND_INT | KIND_ENUM | KIND_STRUCT | KIND_UNION | KIND_ENUM64 => Some(size_or_type),
+            KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST if depth < 16 => {
+                self.type_size(size_or_type, depth + 1)
+            }
+            _ => None,
+        }
+    }
+
     fn find(&self, id: u32, name: &str, base: u32, depth: u32) -> Result<Option<u32>, String> {
+        Ok(self
+            .find_member(id, name, base, depth)?
+            .map(|(bits, _)| bits))
+    }
+
+    /// The member and its offset in bits from the outermost struct.
+    fn find_member(
+        &self,
+        id: u32,
+        name: &str,
+        base: u32,
+        depth: u32,
+    ) -> Result<Option<(u32, Member)>, String> {
         if depth > 8 {
             return Ok(None);
         }
@@ -144,11 +208,13 @@ impl<'a> Types<'a> {
         };
         for m in &c.members {
             if m.name_off == 0 {
-                if let Some(off) = self.find(m.type_id, name, base + m.bit_offset, depth + 1)? {
-                    return Ok(Some(off));
+                if let Some(found) =
+                    self.find_member(m.type_id, name, base + m.bit_offset, depth + 1)?
+                {
+                    return Ok(Some(found));
                 }
             } else if self.string(m.name_off)? == name {
-                return Ok(Some(base + m.bit_offset));
+                return Ok(Some((base + m.bit_offset, *m)));
             }
         }
         Ok(None)
@@ -177,6 +243,18 @@ mod tests {
         assert_eq!(t.member_offset("sock_common", "skc_daddr"), Ok(0));
         assert_eq!(t.member_offset("sock_common", "skc_family"), Ok(16));
         assert!(t.member_offset("sock_common", "nope").is_err());
+        // A plain member, its width from its type (through typedefs).
+        assert_eq!(
+            t.member_bits("sock_common", "skc_family"),
+            Ok(MemberBits {
+                bit_offset: 128,
+                bits: 16
+            })
+        );
+        // sk_protocol: a u16 since Linux 5.6 (this machine runs a newer kernel).
+        let p = t.member_bits("sock", "sk_protocol").unwrap();
+        assert_eq!(p.bits, 16);
+        assert_eq!(p.bit_offset % 8, 0);
         assert!(t.member_offset("no_such_struct", "x").is_err());
     }
 }

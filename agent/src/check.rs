@@ -171,12 +171,26 @@ fn build(args: &CheckArgs) -> Result<Report, String> {
         (None, Err(e)) => Err(e.clone()),
         (None, Ok(t)) => loader::load(*t, btf.as_ref(), &[]).map_err(|e| e.to_string()),
     };
+    // What the TCP probe's raw tracepoint would read (only BTF has it).
+    let raw_offsets = match btf_source.bytes() {
+        Ok(bytes) => tcp::raw_tracepoint_offsets(bytes.as_deref()),
+        Err(e) => Err(e),
+    };
     let mut probes = Vec::new();
     for &kind in args.probes.iter() {
         let info = kind.info();
         let mut problems = Vec::new();
-        let tcp_attach = args.compat.tcp_attach.resolve(tracefs_path.as_deref());
+        let tcp_attach = args
+            .compat
+            .tcp_attach
+            .resolve(tracefs_path.as_deref(), raw_offsets.is_ok());
         let kprobe_path = kind == ProbeKind::Tcp && tcp_attach == TcpAttach::Kprobe;
+        let raw_path = kind == ProbeKind::Tcp && tcp_attach == TcpAttach::RawTracepoint;
+        if raw_path && let Err(why) = &raw_offsets {
+            problems.push(format!(
+                "no struct sock offsets for the raw tracepoint: {why}"
+            ));
+        }
         if let Some(v) = version
             && v < info.min_kernel
         {
@@ -240,6 +254,7 @@ fn build(args: &CheckArgs) -> Result<Report, String> {
         }
         let method = match kind {
             ProbeKind::Syscalls | ProbeKind::Bench => "raw_tracepoint",
+            _ if raw_path => "raw_tracepoint",
             _ if kprobe_path => "kprobe",
             _ => "tracepoint",
         };

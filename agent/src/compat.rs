@@ -18,35 +18,41 @@ pub enum BtfChoice {
 /// `--tcp-attach`: how the TCP probe attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TcpAttachChoice {
-    /// The tracepoint where the kernel has it (4.16+), else kprobes.
+    /// The raw tracepoint where BTF gives struct sock's offsets, else the tracepoint where the
+    /// kernel has it (4.16+), else kprobes.
     Auto,
+    /// `inet_sock_set_state` as a raw tracepoint (needs BTF).
+    RawTracepoint,
     /// The `sock:inet_sock_set_state` tracepoint.
     Tracepoint,
-    /// kprobes on tcp_v4_connect, tcp_v6_connect, tcp_set_state and inet_csk_accept.
+    /// kprobes on tcp_set_state and inet_csk_accept.
     Kprobe,
 }
 
 /// The TCP probe's resolved attach method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcpAttach {
+    RawTracepoint,
     Tracepoint,
     Kprobe,
 }
 
 impl TcpAttachChoice {
-    /// `auto` picks kprobes only when tracefs has no `sock:inet_sock_set_state`.
+    /// `auto` picks kprobes only when tracefs has no `sock:inet_sock_set_state`, and the raw
+    /// form of the tracepoint when `raw_ok` (BTF has the offsets it reads).
     #[must_use]
-    pub fn resolve(self, tracefs: Option<&Path>) -> TcpAttach {
+    pub fn resolve(self, tracefs: Option<&Path>, raw_ok: bool) -> TcpAttach {
         match self {
+            Self::RawTracepoint => TcpAttach::RawTracepoint,
             Self::Tracepoint => TcpAttach::Tracepoint,
             Self::Kprobe => TcpAttach::Kprobe,
             Self::Auto => {
                 let present = tracefs
                     .is_none_or(|t| t.join("events/sock/inet_sock_set_state/format").exists());
-                if present {
-                    TcpAttach::Tracepoint
-                } else {
-                    TcpAttach::Kprobe
+                match (present, raw_ok) {
+                    (true, true) => TcpAttach::RawTracepoint,
+                    (true, false) => TcpAttach::Tracepoint,
+                    (false, _) => TcpAttach::Kprobe,
                 }
             }
         }
@@ -72,9 +78,10 @@ pub struct CompatArgs {
     #[arg(long, env = "TANZHEN_BTF_PATH", value_name = "FILE")]
     pub btf_path: Option<PathBuf>,
 
-    /// How the TCP probe attaches: `auto` uses the sock:inet_sock_set_state tracepoint and falls
-    /// back to kprobes (tcp_v4_connect, tcp_v6_connect, tcp_set_state, inet_csk_accept) only
-    /// where the tracepoint is missing; `tracepoint` or `kprobe` force one.
+    /// How the TCP probe attaches: `auto` uses the inet_sock_set_state tracepoint, in its raw
+    /// form (cheaper per state change) where BTF gives struct sock's offsets, and falls back to
+    /// kprobes (tcp_set_state, inet_csk_accept) only where the
+    /// tracepoint is missing; `raw-tracepoint`, `tracepoint` or `kprobe` force one.
     #[arg(long, env = "TANZHEN_TCP_ATTACH", default_value = "auto", value_enum)]
     pub tcp_attach: TcpAttachChoice,
 }
@@ -161,16 +168,29 @@ mod tests {
     fn tcp_attach_auto_follows_the_tracepoint() {
         let dir = std::env::temp_dir().join(format!("tanzhen-tcp-attach-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert_eq!(TcpAttachChoice::Auto.resolve(Some(&dir)), TcpAttach::Kprobe);
+        for raw_ok in [false, true] {
+            assert_eq!(
+                TcpAttachChoice::Auto.resolve(Some(&dir), raw_ok),
+                TcpAttach::Kprobe
+            );
+        }
         let tp = dir.join("events/sock/inet_sock_set_state");
         std::fs::create_dir_all(&tp).unwrap();
         std::fs::write(tp.join("format"), "").unwrap();
         assert_eq!(
-            TcpAttachChoice::Auto.resolve(Some(&dir)),
+            TcpAttachChoice::Auto.resolve(Some(&dir), false),
             TcpAttach::Tracepoint
         );
         assert_eq!(
-            TcpAttachChoice::Kprobe.resolve(Some(&dir)),
+            TcpAttachChoice::Auto.resolve(Some(&dir), true),
+            TcpAttach::RawTracepoint
+        );
+        assert_eq!(
+            TcpAttachChoice::Tracepoint.resolve(Some(&dir), true),
+            TcpAttach::Tracepoint
+        );
+        assert_eq!(
+            TcpAttachChoice::Kprobe.resolve(Some(&dir), true),
             TcpAttach::Kprobe
         );
         let _ = std::fs::remove_dir_all(&dir);

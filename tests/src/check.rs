@@ -110,8 +110,12 @@ fn json_report_matches_this_machine() {
 
     let tcp = probe(&v, "tcp");
     assert_eq!(tcp["ok"], true);
-    assert_eq!(tcp["attach_method"], "tracepoint");
-    assert_eq!(tcp["attach"], "tracepoint sock:inet_sock_set_state");
+    // This kernel has BTF: the raw form of the tracepoint.
+    assert_eq!(tcp["attach_method"], "raw_tracepoint");
+    assert_eq!(
+        tcp["attach"],
+        "raw tracepoint inet_sock_set_state (struct sock offsets from BTF)"
+    );
     assert_eq!(tcp["transport"], "ringbuf");
     let sys = probe(&v, "syscalls");
     assert_eq!(
@@ -135,7 +139,7 @@ fn json_report_matches_this_machine() {
     assert!(table.contains("BPF ring buffer            yes"), "{table}");
     assert!(
         table.contains(
-            "probe tcp                  ok: tracepoint sock:inet_sock_set_state via ringbuf"
+            "probe tcp                  ok: raw tracepoint inet_sock_set_state (struct sock offsets from BTF) via ringbuf"
         ),
         "{table}"
     );
@@ -172,7 +176,7 @@ fn kprobe_tcp_path_is_reported_and_refused_where_kprobes_are_missing() {
     assert_eq!(tcp["attach_method"], "kprobe");
     assert_eq!(
         tcp["attach"],
-        "kprobes tcp_v4_connect, tcp_v6_connect, tcp_set_state, kretprobe inet_csk_accept"
+        "kprobe tcp_set_state, kretprobe inet_csk_accept"
     );
     if kprobes_here() {
         assert_eq!(code, Some(0), "{v:#}");
@@ -220,14 +224,65 @@ fn kprobe_tcp_path_is_reported_and_refused_where_kprobes_are_missing() {
         err.starts_with("tanzhen: error: --tcp-attach kprobe: this kernel cannot attach kprobes"),
         "{err}"
     );
-    // `auto` keeps the tracepoint here.
-    let agent = Agent::start(&["--probes", "tcp", "--tcp-attach", "auto"]);
+    // `auto` keeps the tracepoint here: raw with BTF (unless the compatibility pass took it
+    // away), classic without.
+    let no_btf = crate::extra_args().iter().any(|a| a == "none");
+    if !no_btf {
+        let agent = Agent::start(&["--probes", "tcp", "--tcp-attach", "auto"]);
+        assert!(
+            agent
+                .log_text()
+                .contains("tcp attach: raw tracepoint inet_sock_set_state"),
+            "{}",
+            agent.log_text()
+        );
+    }
+    let btf_none: &[&str] = if no_btf { &[] } else { &["--btf", "none"] };
+    let agent = Agent::start(&[&["--probes", "tcp", "--tcp-attach", "auto"], btf_none].concat());
     assert!(
         agent
             .log_text()
             .contains("tcp attach: tracepoint sock:inet_sock_set_state"),
         "{}",
         agent.log_text()
+    );
+    drop(agent);
+
+    // The raw form needs BTF: `check` says why, `run` exits 1 with one line.
+    let (code, v) = check_json(
+        &[],
+        &[
+            "--probes",
+            "tcp",
+            "--tcp-attach",
+            "raw-tracepoint",
+            "--btf",
+            "none",
+        ],
+    );
+    assert_eq!(code, Some(1), "{v:#}");
+    let problems = probe(&v, "tcp")["problems"].clone();
+    assert!(
+        problems.to_string().contains("the kernel has no BTF"),
+        "{problems}"
+    );
+    let (code, _, err) = run(
+        &[],
+        &[
+            "run",
+            "--tcp-attach",
+            "raw-tracepoint",
+            "--btf",
+            "none",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("tanzhen: error: --tcp-attach raw-tracepoint: no struct sock offsets"),
+        "{err}"
     );
 }
 

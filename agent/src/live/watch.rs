@@ -206,11 +206,9 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
         crate::compat::BtfSource::None
     };
     let btf = btf_source.load()?;
-    let tcp_attach = crate::compat::TcpAttachChoice::Auto.resolve(Some(&tracefs.path));
-    let btf_bytes = match tcp_attach {
-        crate::compat::TcpAttach::Kprobe => btf_source.bytes()?,
-        crate::compat::TcpAttach::Tracepoint => None,
-    };
+    let btf_bytes = btf_source.bytes()?;
+    let raw_ok = crate::probe::tcp::raw_tracepoint_offsets(btf_bytes.as_deref()).is_ok();
+    let tcp_attach = crate::compat::TcpAttachChoice::Auto.resolve(Some(&tracefs.path), raw_ok);
     let mut ebpf = loader::load(transport, btf.as_ref(), &[]).map_err(|e| fail(&e))?;
     loader::configure(
         &mut ebpf,

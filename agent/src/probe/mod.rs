@@ -99,7 +99,7 @@ pub const PROBES: &[ProbeInfo] = &[
     ProbeInfo {
         kind: ProbeKind::Tcp,
         name: "tcp",
-        summary: "TCP connect attempts (outcome, latency SYN_SENT->ESTABLISHED) and accepted connections; kprobes on tcp_v4_connect/tcp_v6_connect/tcp_set_state/inet_csk_accept where the tracepoint is missing (--tcp-attach)",
+        summary: "TCP connect attempts (outcome, latency SYN_SENT->ESTABLISHED) and accepted connections; kprobes on tcp_set_state/inet_csk_accept where the tracepoint is missing (--tcp-attach)",
         metrics: &[
             "tanzhen_tcp_connects_total{comm,outcome}",
             "tanzhen_tcp_connect_duration_seconds",

@@ -21,14 +21,14 @@ use agent_common::{
         AF_INET6, FIELD_ABSENT, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
         TCP_EVENT_CONNECT_FAILED, TCP_EVENT_SIZE, TCP_EVENTS, TCP_LISTENERS, TCP_LOST,
         TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL,
-        TCP_SOCK_OFFSETS, TCP_TP_OFFSETS, TCP_TP_READY, TCP_TP_READY_KNOWN, TcpEvent, TcpListener,
-        TcpSockOffsets, TcpTpOffsets,
+        TCP_SOCK_OFFSETS, TCP_SOCK_READY, TCP_SOCK_READY_DEFAULT, TCP_TP_OFFSETS, TCP_TP_READY,
+        TCP_TP_READY_KNOWN, TcpEvent, TcpListener, TcpSockOffsets, TcpTpOffsets,
     },
 };
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{KProbe, TracePoint},
+    programs::{KProbe, RawTracePoint, TracePoint},
 };
 use tokio::sync::watch;
 
@@ -41,22 +41,20 @@ use crate::{
     transport::{EventReader, Transport},
 };
 
-/// Name of the tracepoint program (`agent-ebpf/src/tcp.rs`).
+/// Name of the classic tracepoint program (`agent-ebpf/src/tcp.rs`).
 const PROGRAM: &str = "tcp_inet_sock_set_state";
+/// Name of the raw tracepoint program (`agent-ebpf/src/tcp.rs`).
+const RAW_PROGRAM: &str = "tcp_raw_inet_sock_set_state";
 /// The kprobe programs (`agent-ebpf/src/tcp_kprobe.rs`): (program, kernel function, required).
-/// `tcp_v6_connect` is missing where IPv6 is a module that is not loaded.
 pub const KPROBES: &[(&str, &str, bool)] = &[
-    ("tcp_kprobe_v4_connect", "tcp_v4_connect", true),
-    ("tcp_kprobe_v6_connect", "tcp_v6_connect", false),
     ("tcp_kprobe_set_state", "tcp_set_state", true),
     ("tcp_kprobe_accept", "inet_csk_accept", true),
 ];
-/// The kernel programs of this probe, both attach methods (unloaded when it is detached at
+/// The kernel programs of this probe, every attach method (unloaded when it is detached at
 /// runtime).
 pub const PROGRAMS: &[&str] = &[
+    RAW_PROGRAM,
     PROGRAM,
-    "tcp_kprobe_v4_connect",
-    "tcp_kprobe_v6_connect",
     "tcp_kprobe_set_state",
     "tcp_kprobe_accept",
 ];
@@ -65,8 +63,9 @@ pub const PROGRAMS: &[&str] = &[
 #[must_use]
 pub fn programs(attach: TcpAttach) -> &'static [&'static str] {
     match attach {
-        TcpAttach::Tracepoint => &PROGRAMS[..1],
-        TcpAttach::Kprobe => &PROGRAMS[1..],
+        TcpAttach::RawTracepoint => &PROGRAMS[..1],
+        TcpAttach::Tracepoint => &PROGRAMS[1..2],
+        TcpAttach::Kprobe => &PROGRAMS[2..],
     }
 }
 
@@ -74,33 +73,66 @@ pub fn programs(attach: TcpAttach) -> &'static [&'static str] {
 #[must_use]
 pub fn describe(attach: TcpAttach) -> &'static str {
     match attach {
-        TcpAttach::Tracepoint => "tracepoint sock:inet_sock_set_state",
-        TcpAttach::Kprobe => {
-            "kprobes tcp_v4_connect, tcp_v6_connect, tcp_set_state, kretprobe inet_csk_accept"
+        TcpAttach::RawTracepoint => {
+            "raw tracepoint inet_sock_set_state (struct sock offsets from BTF)"
         }
+        TcpAttach::Tracepoint => "tracepoint sock:inet_sock_set_state",
+        TcpAttach::Kprobe => "kprobe tcp_set_state, kretprobe inet_csk_accept",
     }
+}
+
+/// `struct sock` offsets from BTF: those of `sock_common`, and `sk_protocol` when BTF has a
+/// layout of it the programs can read (else [`FIELD_ABSENT`]).
+fn btf_sock_offsets(data: &[u8]) -> Result<TcpSockOffsets, String> {
+    let t = crate::btf::Types::parse(data)?;
+    let m = |name: &str| t.member_offset("sock_common", name);
+    let (protocol, protocol_mask) = match t.member_bits("sock", "sk_protocol") {
+        Ok(p) if p.bit_offset % 8 == 0 && p.bits == 8 => (p.bit_offset / 8, 0xff),
+        Ok(p) if p.bit_offset % 8 == 0 && p.bits == 16 => (p.bit_offset / 8, 0xffff),
+        _ => (FIELD_ABSENT, 0),
+    };
+    let off = TcpSockOffsets {
+        daddr: m("skc_daddr")?,
+        rcv_saddr: m("skc_rcv_saddr")?,
+        dport: m("skc_dport")?,
+        num: m("skc_num")?,
+        family: m("skc_family")?,
+        state: m("skc_state")?,
+        v6_daddr: m("skc_v6_daddr")?,
+        v6_rcv_saddr: m("skc_v6_rcv_saddr")?,
+        protocol,
+        protocol_mask,
+        ready: TCP_SOCK_READY,
+    };
+    let d = TcpSockOffsets::DEFAULT;
+    let head_as_default = (off.daddr, off.rcv_saddr, off.dport, off.num, off.family)
+        == (d.daddr, d.rcv_saddr, d.dport, d.num, d.family);
+    Ok(TcpSockOffsets {
+        ready: if head_as_default {
+            TCP_SOCK_READY_DEFAULT
+        } else {
+            TCP_SOCK_READY
+        },
+        ..off
+    })
+}
+
+/// The offsets the raw tracepoint path reads (`struct sock_common` and `sk_protocol`), which
+/// only BTF gives; `Err` says why there are none.
+pub fn raw_tracepoint_offsets(btf: Option<&[u8]>) -> Result<TcpSockOffsets, String> {
+    let data = btf.ok_or("the kernel has no BTF (give one with --btf-path)")?;
+    let off = btf_sock_offsets(data).map_err(|e| format!("BTF unusable: {e}"))?;
+    if off.protocol == FIELD_ABSENT {
+        return Err("BTF has no struct sock.sk_protocol of a known layout".into());
+    }
+    Ok(off)
 }
 
 /// The `struct sock_common` offsets of the kprobe path: from BTF when `btf` holds some (and it
 /// names every field), else [`TcpSockOffsets::DEFAULT`]. Also returns where they came from.
 #[must_use]
 pub fn sock_offsets(btf: Option<&[u8]>) -> (TcpSockOffsets, String) {
-    let from_btf = |data: &[u8]| -> Result<TcpSockOffsets, String> {
-        let t = crate::btf::Types::parse(data)?;
-        let m = |name: &str| t.member_offset("sock_common", name);
-        Ok(TcpSockOffsets {
-            daddr: m("skc_daddr")?,
-            rcv_saddr: m("skc_rcv_saddr")?,
-            dport: m("skc_dport")?,
-            num: m("skc_num")?,
-            family: m("skc_family")?,
-            state: m("skc_state")?,
-            v6_daddr: m("skc_v6_daddr")?,
-            v6_rcv_saddr: m("skc_v6_rcv_saddr")?,
-            ready: 1,
-        })
-    };
-    match btf.map(from_btf) {
+    match btf.map(btf_sock_offsets) {
         Some(Ok(o)) => (o, "BTF".into()),
         Some(Err(e)) => (
             TcpSockOffsets::DEFAULT,
@@ -383,6 +415,7 @@ impl TcpProbe {
         // events sent before would fail (counted as perf_output_error).
         let events = EventReader::open(ebpf, TCP_EVENTS, transport)?;
         match attach {
+            TcpAttach::RawTracepoint => attach_raw_tracepoint(ebpf, btf)?,
             TcpAttach::Tracepoint => attach_tracepoint(ebpf, tracefs)?,
             TcpAttach::Kprobe => attach_kprobes(ebpf, tracefs, btf)?,
         }
@@ -479,6 +512,46 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> 
     Ok(())
 }
 
+/// Loads and attaches the raw tracepoint program, with `struct sock` offsets from `btf`.
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, btf: Option<&[u8]>) -> Result<(), ProbeError> {
+    let off = raw_tracepoint_offsets(btf).map_err(|why| ProbeError::Unsupported {
+        probe: PROBE,
+        reason: format!(
+            "the raw tracepoint needs struct sock offsets: {why}; use --tcp-attach tracepoint"
+        ),
+    })?;
+    log::debug!("tcp: raw tracepoint, struct sock offsets from BTF: {off:?}");
+    write_sock_offsets(ebpf, off)?;
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(RAW_PROGRAM)
+        .ok_or(ProbeError::MissingProgram(RAW_PROGRAM))?
+        .try_into()?;
+    prog.load()?;
+    // Listeners that predate us: before attaching and after, as for the classic form.
+    seed_listeners(ebpf)?;
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(RAW_PROGRAM)
+        .ok_or(ProbeError::MissingProgram(RAW_PROGRAM))?
+        .try_into()?;
+    prog.attach("inet_sock_set_state")?;
+    seed_listeners(ebpf)?;
+    Ok(())
+}
+
+/// Hands `struct sock` offsets to the raw tracepoint and kprobe programs (under
+/// [`super::read_by_offset_forced`], as if the layout were another one: field by field).
+fn write_sock_offsets(ebpf: &mut Ebpf, mut off: TcpSockOffsets) -> Result<(), ProbeError> {
+    if super::read_by_offset_forced() {
+        off.ready = TCP_SOCK_READY;
+    }
+    let mut map: Array<_, TcpSockOffsets> = Array::try_from(
+        ebpf.map_mut(TCP_SOCK_OFFSETS)
+            .ok_or(ProbeError::MissingMap(TCP_SOCK_OFFSETS))?,
+    )?;
+    map.set(0, off, 0)?;
+    Ok(())
+}
+
 /// Loads and attaches the kprobe programs, with `struct sock_common` offsets from `btf` or the
 /// built-in table. Fails with the reason when this kernel cannot attach kprobes.
 fn attach_kprobes(ebpf: &mut Ebpf, tracefs: &Path, btf: Option<&[u8]>) -> Result<(), ProbeError> {
@@ -488,11 +561,7 @@ fn attach_kprobes(ebpf: &mut Ebpf, tracefs: &Path, btf: Option<&[u8]>) -> Result
     })?;
     let (off, origin) = sock_offsets(btf);
     log::info!("tcp: kprobe path, struct sock_common offsets from {origin}: {off:?}");
-    let mut map: Array<_, TcpSockOffsets> = Array::try_from(
-        ebpf.map_mut(TCP_SOCK_OFFSETS)
-            .ok_or(ProbeError::MissingMap(TCP_SOCK_OFFSETS))?,
-    )?;
-    map.set(0, off, 0)?;
+    write_sock_offsets(ebpf, off)?;
     for &(name, function, required) in KPROBES {
         let prog: &mut KProbe = ebpf
             .program_mut(name)
@@ -695,13 +764,28 @@ mod tests {
         let (off, origin) = sock_offsets(Some(b"garbage"));
         assert_eq!(off, TcpSockOffsets::DEFAULT);
         assert!(origin.contains("BTF unusable"), "{origin}");
-        // This machine's kernel (6.18) lays struct sock_common out as the table says.
+        // This machine's kernel (6.18) lays struct sock_common out as the table says, and BTF
+        // adds the u16 sk_protocol the raw tracepoint needs.
         if let Ok(data) = std::fs::read(crate::compat::KERNEL_BTF) {
+            let (off, origin) = sock_offsets(Some(&data));
+            assert_eq!(origin, "BTF");
             assert_eq!(
-                sock_offsets(Some(&data)),
-                (TcpSockOffsets::DEFAULT, "BTF".into())
+                TcpSockOffsets {
+                    protocol: FIELD_ABSENT,
+                    protocol_mask: 0,
+                    ..off
+                },
+                TcpSockOffsets::DEFAULT
             );
+            assert_eq!(off.protocol_mask, 0xffff);
+            assert_eq!(raw_tracepoint_offsets(Some(&data)), Ok(off));
         }
+        assert!(raw_tracepoint_offsets(None).unwrap_err().contains("no BTF"));
+        assert!(
+            raw_tracepoint_offsets(Some(b"garbage"))
+                .unwrap_err()
+                .contains("BTF unusable")
+        );
     }
 
     #[test]
