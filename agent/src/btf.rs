@@ -225,6 +225,85 @@ impl<'a> Types<'a> {
 mod tests {
     use super::*;
 
+    /// A BTF blob with `unsigned int` (id 1), `typedef unsigned int u32_t` (id 2) and
+    /// `struct sock { u32_t sk_hash; unsigned int sk_kern_sock:1, ..., sk_protocol:8,
+    /// sk_type:16; }` (id 3, with bitfield sizes: kind_flag set), as pahole writes 5.2-5.5
+    /// kernels' sk_protocol.
+    fn bitfield_btf() -> Vec<u8> {
+        let mut strings = b"\0unsigned int\0u32_t\0sock\0sk_hash\0sk_protocol\0sk_type\0".to_vec();
+        let name = |s: &str, strings: &[u8]| {
+            let needle = [s.as_bytes(), b"\0"].concat();
+            strings
+                .windows(needle.len())
+                .position(|w| w == needle.as_slice())
+                .map(|p| u32::try_from(p).unwrap())
+                .unwrap()
+        };
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| {
+            for w in words {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        // [1] INT "unsigned int", size 4, encoding: 32 bits.
+        push(&[name("unsigned int", &strings), KIND_INT << 24, 4, 32]);
+        // [2] TYPEDEF u32_t -> 1.
+        push(&[name("u32_t", &strings), KIND_TYPEDEF << 24, 1]);
+        // [3] STRUCT sock, kind_flag, 3 members, size 8.
+        push(&[
+            name("sock", &strings),
+            (1 << 31) | (KIND_STRUCT << 24) | 3,
+            8,
+        ]);
+        push(&[name("sk_hash", &strings), 2, 0]);
+        push(&[name("sk_protocol", &strings), 1, (8 << 24) | 40]);
+        push(&[name("sk_type", &strings), 1, (16 << 24) | 48]);
+        strings.push(0);
+        let mut out = Vec::new();
+        for w in [0x0001_eb9f_u32, 24, 0, u32::try_from(types.len()).unwrap()] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        for w in [
+            u32::try_from(types.len()).unwrap(),
+            u32::try_from(strings.len()).unwrap(),
+        ] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&types);
+        out.extend_from_slice(&strings);
+        out
+    }
+
+    #[test]
+    fn member_widths_of_bitfields_and_typedefs() {
+        let data = bitfield_btf();
+        let t = Types::parse(&data).unwrap();
+        assert_eq!(
+            t.member_bits("sock", "sk_protocol"),
+            Ok(MemberBits {
+                bit_offset: 40,
+                bits: 8
+            })
+        );
+        assert_eq!(
+            t.member_bits("sock", "sk_type"),
+            Ok(MemberBits {
+                bit_offset: 48,
+                bits: 16
+            })
+        );
+        // A plain member: its width through the typedef.
+        assert_eq!(
+            t.member_bits("sock", "sk_hash"),
+            Ok(MemberBits {
+                bit_offset: 0,
+                bits: 32
+            })
+        );
+        assert_eq!(t.member_offset("sock", "sk_protocol"), Ok(5));
+        assert!(t.member_bits("sock", "nope").is_err());
+    }
+
     #[test]
     fn rejects_garbage() {
         assert!(Types::parse(b"").is_err());

@@ -35,6 +35,18 @@ fn connects_are_counted_exactly_with_fields_read_one_by_one() {
     ));
 }
 
+/// The same through the classic tracepoint (what kernels without BTF run), its record fields
+/// read as plain loads at the known layout's offsets.
+#[test]
+fn connects_are_counted_exactly_through_the_classic_tracepoint() {
+    counted_exactly(Agent::start(&[
+        "--probes",
+        "tcp",
+        "--tcp-attach",
+        "tracepoint",
+    ]));
+}
+
 fn counted_exactly(mut agent: Agent) {
     let (client, server) = (comm("tzc"), comm("tzl"));
     let before = agent.scrape();

@@ -191,6 +191,9 @@ pub fn bench(root: &Path, quick: bool, only: &[Part]) -> anyhow::Result<()> {
                     .run(quick)
                     .with_context(|| format!("{} under {}", c.name, cfg.name()))?;
                 if let Some(addr) = bg.metrics_addr {
+                    // The probes read the kernel's drop counters once a second: wait for the
+                    // read that follows the workload.
+                    std::thread::sleep(LOST_READ_INTERVAL + Duration::from_millis(200));
                     lost += scrape_sum(addr, "tanzhen_events_lost_total").unwrap_or(f64::NAN);
                 }
                 drop(bg);
@@ -566,6 +569,9 @@ fn perf_output(program: &str, args: &[&str]) -> anyhow::Result<f64> {
         })
         .with_context(|| format!("no `usecs/op` in perf's output:\n{text}"))
 }
+
+/// How often the probes read the kernel's drop counters into `tanzhen_events_lost_total`.
+const LOST_READ_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Connects per second of a loopback connect/accept/close loop. One thread does both ends:
 /// on loopback `connect` returns with the handshake done, so `accept` finds the connection

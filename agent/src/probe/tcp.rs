@@ -86,11 +86,9 @@ pub fn describe(attach: TcpAttach) -> &'static str {
 fn btf_sock_offsets(data: &[u8]) -> Result<TcpSockOffsets, String> {
     let t = crate::btf::Types::parse(data)?;
     let m = |name: &str| t.member_offset("sock_common", name);
-    let (protocol, protocol_mask) = match t.member_bits("sock", "sk_protocol") {
-        Ok(p) if p.bit_offset % 8 == 0 && p.bits == 8 => (p.bit_offset / 8, 0xff),
-        Ok(p) if p.bit_offset % 8 == 0 && p.bits == 16 => (p.bit_offset / 8, 0xffff),
-        _ => (FIELD_ABSENT, 0),
-    };
+    let (protocol, protocol_mask) = t
+        .member_bits("sock", "sk_protocol")
+        .map_or((FIELD_ABSENT, 0), protocol_field);
     let off = TcpSockOffsets {
         daddr: m("skc_daddr")?,
         rcv_saddr: m("skc_rcv_saddr")?,
@@ -115,6 +113,17 @@ fn btf_sock_offsets(data: &[u8]) -> Result<TcpSockOffsets, String> {
         },
         ..off
     })
+}
+
+/// Where the programs read `sk_protocol` (byte offset, mask for a u16 read there): an 8-bit
+/// bitfield on a byte boundary (before 5.6) or a u16 (since); `FIELD_ABSENT` for any other
+/// layout.
+fn protocol_field(p: crate::btf::MemberBits) -> (u32, u32) {
+    match (p.bit_offset % 8, p.bits) {
+        (0, 8) => (p.bit_offset / 8, 0xff),
+        (0, 16) => (p.bit_offset / 8, 0xffff),
+        _ => (FIELD_ABSENT, 0),
+    }
 }
 
 /// The offsets the raw tracepoint path reads (`struct sock_common` and `sk_protocol`), which
@@ -786,6 +795,19 @@ mod tests {
                 .unwrap_err()
                 .contains("BTF unusable")
         );
+    }
+
+    #[test]
+    fn sk_protocol_layouts() {
+        use crate::btf::MemberBits;
+        let f = |bit_offset, bits| protocol_field(MemberBits { bit_offset, bits });
+        // 5.6+: u16 sk_protocol.
+        assert_eq!(f(4160, 16), (520, 0xffff));
+        // 5.2-5.5: an 8-bit bitfield after 8 bits of flags.
+        assert_eq!(f(4104, 8), (513, 0xff));
+        // Anything else is not read.
+        assert_eq!(f(4105, 8), (FIELD_ABSENT, 0));
+        assert_eq!(f(4104, 32), (FIELD_ABSENT, 0));
     }
 
     #[test]

@@ -199,7 +199,13 @@ fn tcp(agent: &Agent) -> String {
     assert_eq!(accepts, n, "accepts of {server}\n{}", after.0);
     assert_eq!(lost(&after, "tcp"), 0.0, "events lost\n{}", after.0);
     assert_eq!(after.sum("tanzhen_probe_up", &[("probe", "tcp")]), 1.0);
-    format!("established={est} failed={failed} accepts={accepts}")
+    // Which attach method the pass ran on (the agent logs it at start-up).
+    let log = agent.log_text();
+    let attach = log
+        .lines()
+        .find_map(|l| l.split("tcp attach: ").nth(1))
+        .unwrap_or("?");
+    format!("established={est} failed={failed} accepts={accepts} via {attach}")
 }
 
 fn syscalls(agent: &Agent) -> String {
