@@ -203,19 +203,22 @@ async fn run_async(
         .compat
         .btf_source(kernel::has_btf())
         .map_err(RunError::Usage)?;
-    let btf = btf_source.load().map_err(RunError::Usage)?;
-    // The raw tracepoint and kprobe paths read struct offsets from the raw BTF.
+    // The raw tracepoint and kprobe paths read struct offsets from the raw BTF: worked out once
+    // (the raw BTF, several MiB, is not kept), before aya parses it for the loader, so that the
+    // two parses' memory does not add up.
     let tcp = args.probes.contains(&ProbeKind::Tcp);
     let btf_bytes = if tcp {
         btf_source.bytes().map_err(RunError::Usage)?
     } else {
         None
     };
-    let raw_offsets = crate::probe::tcp::raw_tracepoint_offsets(btf_bytes.as_deref());
+    let sock_layout = crate::probe::tcp::SockLayout::from_btf(btf_bytes.as_deref());
+    drop(btf_bytes);
+    let btf = btf_source.load().map_err(RunError::Usage)?;
     let tcp_attach = args
         .compat
         .tcp_attach
-        .resolve(Some(&tracefs.path), raw_offsets.is_ok());
+        .resolve(Some(&tracefs.path), sock_layout.raw.is_ok());
     if tcp
         && args.compat.tcp_attach == crate::compat::TcpAttachChoice::Kprobe
         && let Err(why) = crate::features::kprobes(Some(&tracefs.path))
@@ -226,16 +229,12 @@ async fn run_async(
     }
     if tcp
         && args.compat.tcp_attach == crate::compat::TcpAttachChoice::RawTracepoint
-        && let Err(why) = &raw_offsets
+        && let Err(why) = &sock_layout.raw
     {
         return Err(RunError::Fatal(format!(
             "--tcp-attach raw-tracepoint: no struct sock offsets ({why}); use --tcp-attach auto or tracepoint"
         )));
     }
-    let btf_bytes = match tcp_attach {
-        crate::compat::TcpAttach::Tracepoint => None,
-        _ => btf_bytes,
-    };
     log::info!(
         "event transport: {}; BTF: {}; tcp attach: {}",
         transport.name(),
@@ -259,7 +258,7 @@ async fn run_async(
         tracefs: tracefs.path.clone(),
         transport,
         tcp_attach,
-        btf: btf_bytes,
+        sock_layout,
         snapshot: snapshot.clone(),
         loss: loss.clone(),
         sink: Some(connect_sink),
@@ -525,8 +524,8 @@ struct ProbeCtx {
     tracefs: std::path::PathBuf,
     transport: crate::transport::Transport,
     tcp_attach: crate::compat::TcpAttach,
-    /// Raw BTF, for the kprobe TCP path's struct offsets.
-    btf: Option<Vec<u8>>,
+    /// Struct offsets of the raw tracepoint and kprobe TCP paths.
+    sock_layout: crate::probe::tcp::SockLayout,
     snapshot: Arc<Snapshot>,
     loss: LossCounters,
     sink: Option<Arc<dyn ConnectSink>>,
@@ -633,7 +632,7 @@ impl LiveProbes {
                     ebpf,
                     &ctx.tracefs,
                     ctx.tcp_attach,
-                    ctx.btf.as_deref(),
+                    &ctx.sock_layout,
                     ctx.transport,
                     &ctx.snapshot,
                     ctx.loss.clone(),

@@ -173,7 +173,7 @@ fn build(args: &CheckArgs) -> Result<Report, String> {
     };
     // What the TCP probe's raw tracepoint would read (only BTF has it).
     let raw_offsets = match btf_source.bytes() {
-        Ok(bytes) => tcp::raw_tracepoint_offsets(bytes.as_deref()),
+        Ok(bytes) => tcp::SockLayout::from_btf(bytes.as_deref()).raw,
         Err(e) => Err(e),
     };
     let mut probes = Vec::new();

@@ -206,9 +206,9 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
         crate::compat::BtfSource::None
     };
     let btf = btf_source.load()?;
-    let btf_bytes = btf_source.bytes()?;
-    let raw_ok = crate::probe::tcp::raw_tracepoint_offsets(btf_bytes.as_deref()).is_ok();
-    let tcp_attach = crate::compat::TcpAttachChoice::Auto.resolve(Some(&tracefs.path), raw_ok);
+    let sock_layout = crate::probe::tcp::SockLayout::from_btf(btf_source.bytes()?.as_deref());
+    let tcp_attach =
+        crate::compat::TcpAttachChoice::Auto.resolve(Some(&tracefs.path), sock_layout.raw.is_ok());
     let mut ebpf = loader::load(transport, btf.as_ref(), &[]).map_err(|e| fail(&e))?;
     loader::configure(
         &mut ebpf,
@@ -236,7 +236,7 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
                 &mut ebpf,
                 tp,
                 tcp_attach,
-                btf_bytes.as_deref(),
+                &sock_layout,
                 transport,
                 &snapshot,
                 loss,

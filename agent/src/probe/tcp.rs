@@ -126,33 +126,51 @@ fn protocol_field(p: crate::btf::MemberBits) -> (u32, u32) {
     }
 }
 
-/// The offsets the raw tracepoint path reads (`struct sock_common` and `sk_protocol`), which
-/// only BTF gives; `Err` says why there are none.
-pub fn raw_tracepoint_offsets(btf: Option<&[u8]>) -> Result<TcpSockOffsets, String> {
-    let data = btf.ok_or("the kernel has no BTF (give one with --btf-path)")?;
-    let off = btf_sock_offsets(data).map_err(|e| format!("BTF unusable: {e}"))?;
-    if off.protocol == FIELD_ABSENT {
-        return Err("BTF has no struct sock.sk_protocol of a known layout".into());
-    }
-    Ok(off)
+/// The `struct sock` offsets the raw tracepoint and kprobe paths read, worked out from the BTF
+/// once at start-up (the raw BTF, several MiB, is not kept).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SockLayout {
+    /// For the kprobe path: from BTF when it names every field, else
+    /// [`TcpSockOffsets::DEFAULT`].
+    pub offsets: TcpSockOffsets,
+    /// Where [`Self::offsets`] came from.
+    pub origin: String,
+    /// For the raw tracepoint, which needs `sk_protocol` (only BTF has it); `Err` says why
+    /// there are none.
+    pub raw: Result<TcpSockOffsets, String>,
 }
 
-/// The `struct sock_common` offsets of the kprobe path: from BTF when `btf` holds some (and it
-/// names every field), else [`TcpSockOffsets::DEFAULT`]. Also returns where they came from.
-#[must_use]
-pub fn sock_offsets(btf: Option<&[u8]>) -> (TcpSockOffsets, String) {
-    match btf.map(btf_sock_offsets) {
-        Some(Ok(o)) => (o, "BTF".into()),
-        Some(Err(e)) => (
-            TcpSockOffsets::DEFAULT,
-            format!("the built-in table (BTF unusable: {e})"),
-        ),
-        None => (
-            TcpSockOffsets::DEFAULT,
-            "the built-in table (no BTF)".into(),
-        ),
+impl SockLayout {
+    #[must_use]
+    pub fn from_btf(btf: Option<&[u8]>) -> Self {
+        let parsed = btf.map(btf_sock_offsets);
+        let (offsets, origin) = match &parsed {
+            Some(Ok(o)) => (*o, "BTF".to_owned()),
+            Some(Err(e)) => (
+                TcpSockOffsets::DEFAULT,
+                format!("the built-in table (BTF unusable: {e})"),
+            ),
+            None => (
+                TcpSockOffsets::DEFAULT,
+                "the built-in table (no BTF)".to_owned(),
+            ),
+        };
+        let raw = match parsed {
+            None => Err("the kernel has no BTF (give one with --btf-path)".to_owned()),
+            Some(Err(e)) => Err(format!("BTF unusable: {e}")),
+            Some(Ok(o)) if o.protocol == FIELD_ABSENT => {
+                Err("BTF has no struct sock.sk_protocol of a known layout".to_owned())
+            }
+            Some(Ok(o)) => Ok(o),
+        };
+        Self {
+            offsets,
+            origin,
+            raw,
+        }
     }
 }
+
 const PROBE: &str = "tcp";
 
 /// Connect duration buckets: 50 µs to 10 s in 1-2.5-5 steps.
@@ -406,14 +424,14 @@ pub struct TcpProbe {
 }
 
 impl TcpProbe {
-    /// Writes the offsets, loads and attaches the programs of `attach` (`btf`: raw BTF for the
-    /// kprobe path's struct offsets), and takes the maps it drains.
+    /// Writes the offsets, loads and attaches the programs of `attach` (`sock`: the struct
+    /// offsets of the raw tracepoint and kprobe paths), and takes the maps it drains.
     #[expect(clippy::too_many_arguments, reason = "one call site, all distinct")]
     pub fn attach(
         ebpf: &mut Ebpf,
         tracefs: &Path,
         attach: TcpAttach,
-        btf: Option<&[u8]>,
+        sock: &SockLayout,
         transport: Transport,
         snapshot: &Snapshot,
         loss: LossCounters,
@@ -424,9 +442,9 @@ impl TcpProbe {
         // events sent before would fail (counted as perf_output_error).
         let events = EventReader::open(ebpf, TCP_EVENTS, transport)?;
         match attach {
-            TcpAttach::RawTracepoint => attach_raw_tracepoint(ebpf, btf)?,
+            TcpAttach::RawTracepoint => attach_raw_tracepoint(ebpf, sock)?,
             TcpAttach::Tracepoint => attach_tracepoint(ebpf, tracefs)?,
-            TcpAttach::Kprobe => attach_kprobes(ebpf, tracefs, btf)?,
+            TcpAttach::Kprobe => attach_kprobes(ebpf, tracefs, sock)?,
         }
         let lost = take(ebpf, TCP_LOST)?;
         Ok(Self {
@@ -521,9 +539,9 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> 
     Ok(())
 }
 
-/// Loads and attaches the raw tracepoint program, with `struct sock` offsets from `btf`.
-fn attach_raw_tracepoint(ebpf: &mut Ebpf, btf: Option<&[u8]>) -> Result<(), ProbeError> {
-    let off = raw_tracepoint_offsets(btf).map_err(|why| ProbeError::Unsupported {
+/// Loads and attaches the raw tracepoint program, with `struct sock` offsets from BTF.
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, sock: &SockLayout) -> Result<(), ProbeError> {
+    let off = sock.raw.clone().map_err(|why| ProbeError::Unsupported {
         probe: PROBE,
         reason: format!(
             "the raw tracepoint needs struct sock offsets: {why}; use --tcp-attach tracepoint"
@@ -561,16 +579,19 @@ fn write_sock_offsets(ebpf: &mut Ebpf, mut off: TcpSockOffsets) -> Result<(), Pr
     Ok(())
 }
 
-/// Loads and attaches the kprobe programs, with `struct sock_common` offsets from `btf` or the
+/// Loads and attaches the kprobe programs, with `struct sock_common` offsets from BTF or the
 /// built-in table. Fails with the reason when this kernel cannot attach kprobes.
-fn attach_kprobes(ebpf: &mut Ebpf, tracefs: &Path, btf: Option<&[u8]>) -> Result<(), ProbeError> {
+fn attach_kprobes(ebpf: &mut Ebpf, tracefs: &Path, sock: &SockLayout) -> Result<(), ProbeError> {
     crate::features::kprobes(Some(tracefs)).map_err(|why| ProbeError::Unsupported {
         probe: PROBE,
         reason: format!("kprobes are not available ({why}); use --tcp-attach tracepoint"),
     })?;
-    let (off, origin) = sock_offsets(btf);
-    log::info!("tcp: kprobe path, struct sock_common offsets from {origin}: {off:?}");
-    write_sock_offsets(ebpf, off)?;
+    log::info!(
+        "tcp: kprobe path, struct sock_common offsets from {}: {:?}",
+        sock.origin,
+        sock.offsets
+    );
+    write_sock_offsets(ebpf, sock.offsets)?;
     for &(name, function, required) in KPROBES {
         let prog: &mut KProbe = ebpf
             .program_mut(name)
@@ -765,36 +786,36 @@ mod tests {
 
     #[test]
     fn sock_offsets_from_btf_match_the_built_in_table() {
-        let (off, origin) = sock_offsets(None);
+        let none = SockLayout::from_btf(None);
         assert_eq!(
-            (off, origin.as_str()),
+            (none.offsets, none.origin.as_str()),
             (TcpSockOffsets::DEFAULT, "the built-in table (no BTF)")
         );
-        let (off, origin) = sock_offsets(Some(b"garbage"));
-        assert_eq!(off, TcpSockOffsets::DEFAULT);
-        assert!(origin.contains("BTF unusable"), "{origin}");
+        assert!(none.raw.unwrap_err().contains("no BTF"));
+        let garbage = SockLayout::from_btf(Some(b"garbage"));
+        assert_eq!(garbage.offsets, TcpSockOffsets::DEFAULT);
+        assert!(
+            garbage.origin.contains("BTF unusable"),
+            "{}",
+            garbage.origin
+        );
+        assert!(garbage.raw.unwrap_err().contains("BTF unusable"));
         // This machine's kernel (6.18) lays struct sock_common out as the table says, and BTF
         // adds the u16 sk_protocol the raw tracepoint needs.
         if let Ok(data) = std::fs::read(crate::compat::KERNEL_BTF) {
-            let (off, origin) = sock_offsets(Some(&data));
-            assert_eq!(origin, "BTF");
+            let l = SockLayout::from_btf(Some(&data));
+            assert_eq!(l.origin, "BTF");
             assert_eq!(
                 TcpSockOffsets {
                     protocol: FIELD_ABSENT,
                     protocol_mask: 0,
-                    ..off
+                    ..l.offsets
                 },
                 TcpSockOffsets::DEFAULT
             );
-            assert_eq!(off.protocol_mask, 0xffff);
-            assert_eq!(raw_tracepoint_offsets(Some(&data)), Ok(off));
+            assert_eq!(l.offsets.protocol_mask, 0xffff);
+            assert_eq!(l.raw, Ok(l.offsets));
         }
-        assert!(raw_tracepoint_offsets(None).unwrap_err().contains("no BTF"));
-        assert!(
-            raw_tracepoint_offsets(Some(b"garbage"))
-                .unwrap_err()
-                .contains("BTF unusable")
-        );
     }
 
     #[test]
