@@ -161,8 +161,12 @@ impl TcpSockOffsets {
 pub const TCP_EVENT_CONNECT_ESTABLISHED: u32 = 1;
 /// An active open that went SYN_SENT -> CLOSE (refused, timed out, reset).
 pub const TCP_EVENT_CONNECT_FAILED: u32 = 2;
-/// A passive open that went SYN_RECV -> ESTABLISHED.
+/// A passive open that went SYN_RECV -> ESTABLISHED (sent by the kprobe path only: the
+/// tracepoint paths count accepts in [`TcpListener::accepts`]).
 pub const TCP_EVENT_ACCEPT: u32 = 3;
+/// A [`TCP_LISTENERS`] entry was removed or replaced: its identity, `sport` (the port, the
+/// entry's key), `latency_ns` = its final [`TcpListener::accepts`], `ts_ns` = its `skaddr`.
+pub const TCP_EVENT_LISTENER_GONE: u32 = 4;
 
 /// `AF_INET` and `AF_INET6` as the tracepoint reports them.
 pub const AF_INET: u16 = 2;
@@ -198,7 +202,9 @@ unsafe impl aya::Pod for TcpConnectStart {}
 const _: () = assert!(core::mem::size_of::<TcpConnectStart>() == 40);
 
 /// The process that put a socket into LISTEN, so accepted connections (completed in softirq)
-/// can be attributed to it.
+/// can be attributed to it, and how many it accepted: the tracepoint programs count accepts
+/// here (an atomic add; userspace reads the counts every second) instead of sending an event
+/// per accepted connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TcpListener {
@@ -207,10 +213,16 @@ pub struct TcpListener {
     pub tgid: u32,
     pub _pad: u32,
     pub comm: [u8; COMM_LEN],
+    /// Connections accepted (SYN_RECV -> ESTABLISHED) since the entry was created.
+    pub accepts: u64,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for TcpListener {}
-const _: () = assert!(core::mem::size_of::<TcpListener>() == 40);
+const _: () = assert!(core::mem::size_of::<TcpListener>() == 48);
+
+/// `PerCpuArray<u64>` with one entry: accepts on ports without a [`TCP_LISTENERS`] entry
+/// (listening since before the agent started, unseen by the start-up scan).
+pub const TCP_ACCEPTS_UNKNOWN: &str = "TCP_ACCEPTS_UNKNOWN";
 
 /// One connect outcome or accepted connection, sent through [`TCP_EVENTS`].
 #[repr(C)]

@@ -27,11 +27,11 @@ use agent_common::{
     COMM_LEN,
     tcp::{
         AF_INET, AF_INET6, IPPROTO_TCP, TCP_CLOSE, TCP_CONNECT_SETS, TCP_CONNECT_WAYS,
-        TCP_ESTABLISHED, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED, TCP_EVENT_CONNECT_FAILED,
-        TCP_EVENTS_BYTES, TCP_LISTEN, TCP_LISTENERS_MAX, TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR,
-        TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL, TCP_SOCK_READY_DEFAULT, TCP_SYN_RECV,
-        TCP_SYN_SENT, TCP_TP_READY_KNOWN, TcpConnectStart, TcpEvent, TcpListener, TcpSockOffsets,
-        TcpTpOffsets,
+        TCP_ESTABLISHED, TCP_EVENT_CONNECT_ESTABLISHED, TCP_EVENT_CONNECT_FAILED,
+        TCP_EVENT_LISTENER_GONE, TCP_EVENTS_BYTES, TCP_LISTEN, TCP_LISTENERS_MAX,
+        TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL,
+        TCP_SOCK_READY_DEFAULT, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TP_READY_KNOWN, TcpConnectStart,
+        TcpEvent, TcpListener, TcpSockOffsets, TcpTpOffsets,
     },
 };
 use aya_ebpf::{
@@ -149,6 +149,9 @@ unsafe fn take_way(way: *mut ConnectWay, skaddr: u64) -> Option<TcpConnectStart>
 #[map]
 static TCP_LISTENERS: HashMap<u32, TcpListener> = HashMap::with_max_entries(TCP_LISTENERS_MAX, 0);
 
+#[map]
+static TCP_ACCEPTS_UNKNOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// `sock:inet_sock_set_state` (kernel >= 4.16), the classic form: the fields come from the
 /// tracepoint's record.
 /// <https://elixir.bootlin.com/linux/v6.1/source/include/trace/events/sock.h>
@@ -254,9 +257,9 @@ fn on_transition<C: EbpfContext, F: SockFields>(
     match t {
         Transition::ConnectStart => on_connect_start(skaddr),
         Transition::ConnectDone(kind) => on_connect_done(ctx, f, skaddr, kind),
-        Transition::Listen => on_listen(f, skaddr),
-        Transition::Unlisten => on_unlisten(f, skaddr),
-        Transition::Accept => on_accept(ctx, f),
+        Transition::Listen => on_listen(ctx, f, skaddr),
+        Transition::Unlisten => on_unlisten(ctx, f, skaddr),
+        Transition::Accept => on_accept(f),
     }
 }
 
@@ -451,67 +454,94 @@ pub(crate) fn on_connect_done<C: EbpfContext, F: SockFields>(
 }
 
 #[inline(always)]
-fn on_listen<F: SockFields>(f: &F, skaddr: u64) -> Result<(), i64> {
+fn on_listen<C: EbpfContext, F: SockFields>(ctx: &C, f: &F, skaddr: u64) -> Result<(), i64> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !crate::config::tgid_allowed(tgid) {
         return Ok(());
     }
-    let sport = f.sport()?;
+    let sport = u32::from(f.sport()?);
+    // A listener this one replaces on the port (SO_REUSEPORT, or one seeded from /proc):
+    // hand over what it counted.
+    if let Some(old) = unsafe { TCP_LISTENERS.get(&sport) } {
+        listener_gone(ctx, sport, old)?;
+    }
     let listener = TcpListener {
         skaddr,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tgid,
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        accepts: 0,
     };
-    if TCP_LISTENERS
-        .insert(&u32::from(sport), &listener, 0)
-        .is_err()
-    {
+    if TCP_LISTENERS.insert(&sport, &listener, 0).is_err() {
         count_lost(TCP_LOST_MAP_FULL);
     }
     Ok(())
 }
 
 #[inline(always)]
-fn on_unlisten<F: SockFields>(f: &F, skaddr: u64) -> Result<(), i64> {
+fn on_unlisten<C: EbpfContext, F: SockFields>(ctx: &C, f: &F, skaddr: u64) -> Result<(), i64> {
     let sport = u32::from(f.sport()?);
     // Only the socket that registered the port may remove it (SO_REUSEPORT siblings stay);
     // entries seeded from /proc at start-up (skaddr 0) go with any socket on their port.
     if let Some(l) = unsafe { TCP_LISTENERS.get(&sport) }
         && (l.skaddr == skaddr || l.skaddr == 0)
     {
+        listener_gone(ctx, sport, l)?;
         let _ = TCP_LISTENERS.remove(&sport);
     }
     Ok(())
 }
 
+/// Sends the final count of a listener entry about to be removed or replaced (userspace adds
+/// what it has not read yet); nothing when it accepted nothing.
 #[inline(always)]
-fn on_accept<C: EbpfContext, F: SockFields>(ctx: &C, f: &F) -> Result<(), i64> {
-    let Some(a) = f.addrs()? else {
+fn listener_gone<C: EbpfContext>(ctx: &C, sport: u32, l: &TcpListener) -> Result<(), i64> {
+    let accepts = unsafe { (&raw const l.accepts).read_volatile() };
+    if accepts == 0 {
         return Ok(());
+    }
+    let a = Addrs {
+        family: 0,
+        sport: sport as u16,
+        dport: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
     };
-    let (cgroup_id, tgid, comm) = match unsafe { TCP_LISTENERS.get(&u32::from(a.sport)) } {
-        // Listeners seeded from /proc at start-up are every process's: honour --pid here.
-        Some(l) if !crate::config::tgid_allowed(l.tgid) => return Ok(()),
-        Some(l) => (l.cgroup_id, l.tgid, l.comm),
-        // Listening since before we attached: report it without a process (unless --pid
-        // asks for one process: then it is not ours).
-        None if !crate::config::tgid_allowed(0) => return Ok(()),
-        None => (0, 0, [0; COMM_LEN]),
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
     send(
         ctx,
-        TCP_EVENT_ACCEPT,
-        now,
-        0,
-        cgroup_id,
-        tgid,
-        tgid,
-        &comm,
+        TCP_EVENT_LISTENER_GONE,
+        l.skaddr,
+        accepts,
+        l.cgroup_id,
+        l.tgid,
+        l.tgid,
+        &l.comm,
         &a,
     )
+}
+
+/// SYN_RECV -> ESTABLISHED: one more accept for the listener on the port, counted in place
+/// (an atomic add: accepts on one listener complete on every CPU at once).
+#[inline(always)]
+fn on_accept<F: SockFields>(f: &F) -> Result<(), i64> {
+    let sport = u32::from(f.sport()?);
+    match TCP_LISTENERS.get_ptr_mut(&sport) {
+        // Listeners seeded from /proc at start-up are every process's: honour --pid here.
+        Some(l) if !crate::config::tgid_allowed(unsafe { (*l).tgid }) => {}
+        Some(l) => unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*l).accepts, 1);
+        },
+        // Listening since before we attached: counted without a process (unless --pid asks
+        // for one process: then it is not ours).
+        None if !crate::config::tgid_allowed(0) => {}
+        None => {
+            if let Some(n) = TCP_ACCEPTS_UNKNOWN.get_ptr_mut(0) {
+                unsafe { *n += 1 };
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Family, ports (host order) and addresses of a connection, as events carry them.

@@ -315,16 +315,32 @@ fn stats(v: &[f64]) -> Value {
 fn section_json(c: &Comparison, configs: &[Config], samples: &[Vec<f64>], lost: f64) -> Value {
     let med = |i: usize| stats(&samples[i])["median"].as_f64().unwrap_or(f64::NAN);
     let (base, ours, peer) = (med(0), med(1), med(2));
+    // The same ratio taken within each round (its runs are seconds apart, so a machine that
+    // slows down or speeds up between rounds moves both sides), then the median of those.
+    let paired = |f: &dyn Fn(f64, f64, f64) -> f64| {
+        let per_round: Vec<f64> = (0..samples[0].len())
+            .filter_map(|r| {
+                Some(f(
+                    *samples[0].get(r)?,
+                    *samples[1].get(r)?,
+                    *samples[2].get(r)?,
+                ))
+            })
+            .collect();
+        stats(&per_round)["median"].as_f64().unwrap_or(f64::NAN)
+    };
     let derived = if c.workload.lower_is_better() {
         json!({
             "added_by_tanzhen": ours - base,
             "added_by_peer": peer - base,
             "ratio_added_tanzhen_to_peer": (ours - base) / (peer - base),
+            "ratio_added_tanzhen_to_peer_paired": paired(&|b, o, p| (o - b) / (p - b)),
         })
     } else {
         json!({
             "tanzhen_vs_baseline": ours / base,
             "peer_vs_baseline": peer / base,
+            "tanzhen_vs_baseline_paired": paired(&|b, o, _| o / b),
         })
     };
     json!({

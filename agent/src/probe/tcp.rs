@@ -18,11 +18,12 @@ use std::{
 use agent_common::{
     COMM_LEN,
     tcp::{
-        AF_INET6, FIELD_ABSENT, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
-        TCP_EVENT_CONNECT_FAILED, TCP_EVENT_SIZE, TCP_EVENTS, TCP_LISTENERS, TCP_LOST,
-        TCP_LOST_MAP_FULL, TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL,
-        TCP_SOCK_OFFSETS, TCP_SOCK_READY, TCP_SOCK_READY_DEFAULT, TCP_TP_OFFSETS, TCP_TP_READY,
-        TCP_TP_READY_KNOWN, TcpEvent, TcpListener, TcpSockOffsets, TcpTpOffsets,
+        AF_INET6, FIELD_ABSENT, TCP_ACCEPTS_UNKNOWN, TCP_EVENT_ACCEPT,
+        TCP_EVENT_CONNECT_ESTABLISHED, TCP_EVENT_CONNECT_FAILED, TCP_EVENT_LISTENER_GONE,
+        TCP_EVENT_SIZE, TCP_EVENTS, TCP_LISTENERS, TCP_LOST, TCP_LOST_MAP_FULL,
+        TCP_LOST_READ_ERROR, TCP_LOST_REASONS, TCP_LOST_RINGBUF_FULL, TCP_SOCK_OFFSETS,
+        TCP_SOCK_READY, TCP_SOCK_READY_DEFAULT, TCP_TP_OFFSETS, TCP_TP_READY, TCP_TP_READY_KNOWN,
+        TcpEvent, TcpListener, TcpSockOffsets, TcpTpOffsets,
     },
 };
 use aya::{
@@ -239,7 +240,10 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
     // slice holds at least size_of::<TcpEvent>() bytes; read_unaligned needs no alignment.
     let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<TcpEvent>()) };
     match ev.kind {
-        TCP_EVENT_CONNECT_ESTABLISHED | TCP_EVENT_CONNECT_FAILED | TCP_EVENT_ACCEPT => Ok(ev),
+        TCP_EVENT_CONNECT_ESTABLISHED
+        | TCP_EVENT_CONNECT_FAILED
+        | TCP_EVENT_ACCEPT
+        | TCP_EVENT_LISTENER_GONE => Ok(ev),
         k => Err(DecodeError::Kind(k)),
     }
 }
@@ -330,6 +334,84 @@ impl TcpMetrics {
             _ => {}
         }
     }
+
+    /// Counts `n` accepts of a listener.
+    fn add_accepts(&self, comm: &[u8], w: &WorkloadLabels, n: u64) {
+        let comm = comm_str(comm);
+        let [ns, pod, container, workload] = w.values();
+        self.accepts
+            .inc_by(&[comm.as_str(), ns, pod, container, workload], n);
+    }
+}
+
+/// The accepts the tracepoint programs count in the kernel ([`TcpListener::accepts`] per
+/// listener, [`TCP_ACCEPTS_UNKNOWN`] for ports with no entry), turned into
+/// `tanzhen_tcp_accepts_total`: every second the counts are read and what grew since the last
+/// read is added; a listener entry the program removes or replaces sends its final count in a
+/// [`TCP_EVENT_LISTENER_GONE`] event, which adds what was not read yet.
+#[derive(Debug, Default)]
+struct AcceptCounts {
+    /// (port, skaddr) -> accepts already added, and reads since the entry was last in the map.
+    read: std::collections::HashMap<(u16, u64), (u64, u8)>,
+    unknown_read: u64,
+}
+
+impl AcceptCounts {
+    /// Reads after which an entry gone from the map without its event (the event was lost with
+    /// a full ring, counted there) is forgotten: the event drains within 100 ms of removal.
+    const FORGET_AFTER: u8 = 3;
+
+    fn read_maps(
+        &mut self,
+        listeners: &HashMap<MapData, u32, TcpListener>,
+        unknown: &PerCpuArray<MapData, u64>,
+        metrics: &TcpMetrics,
+        meta: &Metadata,
+    ) {
+        for v in self.read.values_mut() {
+            v.1 = v.1.saturating_add(1);
+        }
+        for item in listeners.iter() {
+            let Ok((port, l)) = item else {
+                // The entry went away between listing its key and reading it.
+                continue;
+            };
+            let port = u16::try_from(port).unwrap_or(u16::MAX);
+            let entry = self.read.entry((port, l.skaddr)).or_insert((0, 0));
+            entry.1 = 0;
+            if l.accepts > entry.0 {
+                metrics.add_accepts(
+                    &l.comm,
+                    &meta.labels(l.tgid, l.cgroup_id),
+                    l.accepts - entry.0,
+                );
+                entry.0 = l.accepts;
+            }
+        }
+        self.read.retain(|_, v| v.1 < Self::FORGET_AFTER);
+        if let Ok(per_cpu) = unknown.get(&0, 0) {
+            let total: u64 = per_cpu.iter().copied().sum();
+            if total > self.unknown_read {
+                metrics.add_accepts(&[], &meta.labels(0, 0), total - self.unknown_read);
+                self.unknown_read = total;
+            }
+        }
+    }
+
+    /// A [`TCP_EVENT_LISTENER_GONE`] event: adds the final count's unread part.
+    fn gone(&mut self, ev: &TcpEvent, metrics: &TcpMetrics, meta: &Metadata) {
+        let read = self
+            .read
+            .remove(&(ev.sport, ev.ts_ns))
+            .map_or(0, |(n, _)| n);
+        if ev.latency_ns > read {
+            metrics.add_accepts(
+                &ev.comm,
+                &meta.labels(ev.tgid, ev.cgroup_id),
+                ev.latency_ns - read,
+            );
+        }
+    }
 }
 
 /// Shared counters of drops, owned by the agent.
@@ -417,6 +499,8 @@ pub struct TcpProbe {
     events: EventReader,
     transport: Transport,
     lost: PerCpuArray<MapData, u64>,
+    listeners: HashMap<MapData, u32, TcpListener>,
+    accepts_unknown: PerCpuArray<MapData, u64>,
     metrics: TcpMetrics,
     loss: LossCounters,
     sink: Option<Arc<dyn ConnectSink>>,
@@ -447,10 +531,14 @@ impl TcpProbe {
             TcpAttach::Kprobe => attach_kprobes(ebpf, tracefs, sock)?,
         }
         let lost = take(ebpf, TCP_LOST)?;
+        let listeners = take(ebpf, TCP_LISTENERS)?;
+        let accepts_unknown = take(ebpf, TCP_ACCEPTS_UNKNOWN)?;
         Ok(Self {
             events,
             transport,
             lost,
+            listeners,
+            accepts_unknown,
             metrics: TcpMetrics::register(snapshot),
             loss,
             sink,
@@ -464,6 +552,8 @@ impl TcpProbe {
             mut events,
             transport,
             lost,
+            listeners,
+            accepts_unknown,
             metrics,
             loss,
             sink,
@@ -477,18 +567,37 @@ impl TcpProbe {
             loss.read_perf(PROBE, transport, &perf_lost);
         };
         read_lost();
-        let mut on_record = |bytes: &[u8]| handle(bytes, &metrics, &loss, sink, &meta);
+        let accepts = std::sync::Mutex::new(AcceptCounts::default());
+        let accepts = &accepts;
+        let read_accepts = || {
+            accepts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .read_maps(&listeners, &accepts_unknown, &metrics, &meta);
+        };
+        let mut on_record = |bytes: &[u8]| {
+            handle(bytes, &metrics, &loss, sink, &meta, &mut |ev| {
+                accepts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .gone(ev, &metrics, &meta);
+            });
+        };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 res = events.read(&mut on_record) => res?,
-                _ = tick.tick() => read_lost(),
+                _ = tick.tick() => {
+                    read_lost();
+                    read_accepts();
+                }
                 _ = stop.changed() => break,
             }
         }
         // Flush: events submitted before detach are still in the buffers.
         events.drain(&mut on_record);
         read_lost();
+        read_accepts();
         Ok(())
     }
 }
@@ -629,6 +738,7 @@ fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
             tgid: l.tgid,
             _pad: 0,
             comm,
+            accepts: 0,
         };
         match map.insert(u32::from(l.port), v, BPF_NOEXIST) {
             Ok(()) => seeded += 1,
@@ -648,34 +758,34 @@ fn seed_listeners(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Decodes and records one event record.
+/// Decodes and records one event record; `gone` takes [`TCP_EVENT_LISTENER_GONE`] events.
 fn handle(
     bytes: &[u8],
     metrics: &TcpMetrics,
     loss: &LossCounters,
     sink: Option<&dyn ConnectSink>,
     meta: &Metadata,
+    gone: &mut dyn FnMut(&TcpEvent),
 ) {
-    {
-        match decode(bytes) {
-            Ok(ev) => {
-                log::trace!(
-                    "tcp event kind={} comm={} peer={}",
-                    ev.kind,
-                    comm_str(&ev.comm),
-                    peer(&ev)
-                );
-                metrics.record(&ev, &meta.labels(ev.tgid, ev.cgroup_id));
-                if let Some(sink) = sink
-                    && ev.kind != TCP_EVENT_ACCEPT
-                {
-                    sink.connect(&ev);
-                }
+    match decode(bytes) {
+        Ok(ev) if ev.kind == TCP_EVENT_LISTENER_GONE => gone(&ev),
+        Ok(ev) => {
+            log::trace!(
+                "tcp event kind={} comm={} peer={}",
+                ev.kind,
+                comm_str(&ev.comm),
+                peer(&ev)
+            );
+            metrics.record(&ev, &meta.labels(ev.tgid, ev.cgroup_id));
+            if let Some(sink) = sink
+                && ev.kind != TCP_EVENT_ACCEPT
+            {
+                sink.connect(&ev);
             }
-            Err(e) => {
-                log::debug!("tcp: undecodable record: {e}");
-                loss.decode_errors.inc_by(&[PROBE], 1);
-            }
+        }
+        Err(e) => {
+            log::debug!("tcp: undecodable record: {e}");
+            loss.decode_errors.inc_by(&[PROBE], 1);
         }
     }
 }
