@@ -119,6 +119,9 @@ struct Comparison {
     probe: &'static str,
     workload: Workload,
     peer: Config,
+    /// Rounds of this comparison per round of the run: more for the workloads whose rate moves
+    /// most between runs on a shared machine, so the median ratio settles.
+    rounds_per_round: usize,
 }
 
 const COMPARISONS: &[Comparison] = &[
@@ -128,6 +131,7 @@ const COMPARISONS: &[Comparison] = &[
         probe: "syscalls",
         workload: Workload::SyscallBasic,
         peer: Config::Peer("/usr/sbin/syscount", &["-L"]),
+        rounds_per_round: 1,
     },
     Comparison {
         part: Part::Sched,
@@ -135,6 +139,7 @@ const COMPARISONS: &[Comparison] = &[
         probe: "sched",
         workload: Workload::SchedPipe,
         peer: Config::Peer("/usr/sbin/runqlat", &[]),
+        rounds_per_round: 1,
     },
     Comparison {
         part: Part::Tcp,
@@ -142,6 +147,8 @@ const COMPARISONS: &[Comparison] = &[
         probe: "tcp",
         workload: Workload::TcpConnects,
         peer: Config::Peer("/usr/sbin/tcpstates", &[]),
+        // A loopback connect loop swings by 10-20% between runs seconds apart on a busy host.
+        rounds_per_round: 3,
     },
 ];
 
@@ -176,6 +183,7 @@ pub fn bench(root: &Path, quick: bool, only: &[Part]) -> anyhow::Result<()> {
                 .push(json!({ "name": c.name, "skipped": format!("probe {} not built", c.probe) }));
             continue;
         }
+        let rounds = rounds * c.rounds_per_round;
         step(&format!(
             "{} — {rounds} rounds of baseline / tanzhen / peer",
             c.name
@@ -345,6 +353,7 @@ fn section_json(c: &Comparison, configs: &[Config], samples: &[Vec<f64>], lost: 
     };
     json!({
         "name": c.name,
+        "rounds": samples[0].len(),
         "unit": c.workload.unit(),
         "configs": configs.iter().enumerate().map(|(i, cfg)| json!({"config": cfg.name(), "stats": stats(&samples[i])})).collect::<Vec<_>>(),
         "derived": derived,
@@ -441,6 +450,7 @@ impl Background {
             }),
             Config::Tanzhen(probes) => {
                 let (child, addr, _) = start_tanzhen(bin, probes)?;
+                keep_off_last_cpu(child.id());
                 Ok(Self {
                     child: Some(child),
                     metrics_addr: Some(addr),
@@ -454,10 +464,42 @@ impl Background {
                     .spawn()
                     .with_context(|| format!("starting {tool}"))?;
                 wait_attached(child.id(), tool)?;
+                keep_off_last_cpu(child.id());
                 Ok(Self {
                     child: Some(child),
                     metrics_addr: None,
                 })
+            }
+        }
+    }
+}
+
+/// Moves every thread of process `pid` off the CPU the workloads are pinned to (when there is
+/// another), so that tanzhen and the peer tool are compared on what they add inside the
+/// workload's syscalls and softirqs, not on where the scheduler happens to put their own
+/// threads (a reader woken onto the workload's CPU waits there behind its real-time thread
+/// until it is migrated). Threads they start later inherit the mask. Best effort.
+fn keep_off_last_cpu(pid: u32) {
+    let last = last_cpu();
+    if last == 0 {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..last {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        set
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+            // SAFETY: sched_setaffinity with a valid, initialised cpu_set_t of the given size.
+            unsafe {
+                libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &raw const set);
             }
         }
     }
