@@ -4,10 +4,12 @@
 //! address, ports and addresses as plain fields, and costs far less than kprobes on
 //! tcp_v4_connect/tcp_rcv_state_process (which also need struct offsets we cannot relocate).
 //!
-//! - CLOSE -> SYN_SENT runs in the connecting task: record who and when, keyed by socket.
+//! - CLOSE -> SYN_SENT runs in the connecting task: record who and when, keyed by socket
+//!   ([`TCP_CONNECTS`]).
 //! - SYN_SENT -> ESTABLISHED / CLOSE run in softirq: emit the outcome with the recorded task.
-//! - CLOSE -> LISTEN runs in the listening task: remember it by port, so that
-//!   SYN_RECV -> ESTABLISHED (softirq) can name the process that accepts.
+//! - CLOSE -> LISTEN runs in the listening task: remember it by port ([`TCP_LISTENERS`]), so
+//!   that SYN_RECV -> ESTABLISHED (softirq) counts the accept in that entry, for the process
+//!   that listens; LISTEN -> CLOSE (or a new listener on the port) sends the entry's final count.
 //!
 //! Two forms of the same tracepoint, one attached (`--tcp-attach`):
 //! - raw (`tcp_raw_inet_sock_set_state`, where BTF gives `struct sock`'s offsets): the states
