@@ -63,7 +63,7 @@ fn on_enter(ctx: &RawTracePointContext) {
 #[inline(always)]
 fn emit(ctx: &RawTracePointContext, pid_tgid: u64) {
     let Some(mut entry) = BENCH_EVENTS.reserve() else {
-        field::count_lost(&BENCH_LOST, BENCH_LOST_RINGBUF_FULL, 1);
+        field::per_cpu_add(&BENCH_LOST, BENCH_LOST_RINGBUF_FULL, 1);
         return;
     };
     entry.write(BenchEvent {
@@ -71,6 +71,6 @@ fn emit(ctx: &RawTracePointContext, pid_tgid: u64) {
         ts_ns: unsafe { bpf_ktime_get_ns() },
     });
     if entry.submit(ctx).is_err() {
-        field::count_lost(&BENCH_LOST, BENCH_LOST_RINGBUF_FULL, 1);
+        field::per_cpu_add(&BENCH_LOST, BENCH_LOST_RINGBUF_FULL, 1);
     }
 }

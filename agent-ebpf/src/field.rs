@@ -1,5 +1,5 @@
 //! Helpers every tracepoint probe shares: reading a record field at a tracefs-provided offset,
-//! and bumping a per-CPU drop counter.
+//! and bumping a per-CPU counter (drops, and the TCP probe's accepts of unknown listeners).
 
 use agent_common::tcp::FIELD_ABSENT;
 use aya_ebpf::{
@@ -44,10 +44,10 @@ pub fn read_known<T: Copy>(
     }
 }
 
-/// Adds `n` to slot `reason` of a per-CPU drop counter.
+/// Adds `n` to slot `slot` of a per-CPU counter array.
 #[inline(always)]
-pub fn count_lost(map: &PerCpuArray<u64>, reason: u32, n: u64) {
-    if let Some(p) = map.get_ptr_mut(reason) {
+pub fn per_cpu_add(map: &PerCpuArray<u64>, slot: u32, n: u64) {
+    if let Some(p) = map.get_ptr_mut(slot) {
         unsafe { *p += n };
     }
 }

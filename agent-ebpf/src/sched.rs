@@ -357,5 +357,5 @@ fn on_exit(ctx: &TracePointContext) {
 
 #[inline(always)]
 fn count_lost(reason: u32) {
-    field::count_lost(&SCHED_LOST, reason, 1);
+    field::per_cpu_add(&SCHED_LOST, reason, 1);
 }

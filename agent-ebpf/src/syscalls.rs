@@ -392,6 +392,6 @@ fn bump(
     }
     // Another CPU may have inserted the key in between (EEXIST): add to our slot of it.
     if !add(map, key, calls, errors) {
-        field::count_lost(&SYSCALL_LOST, SYSCALL_LOST_MAP_FULL, calls.max(errors));
+        field::per_cpu_add(&SYSCALL_LOST, SYSCALL_LOST_MAP_FULL, calls.max(errors));
     }
 }

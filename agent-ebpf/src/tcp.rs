@@ -537,11 +537,7 @@ fn on_accept<F: SockFields>(f: &F) -> Result<(), i64> {
         // Listening since before we attached: counted without a process (unless --pid asks
         // for one process: then it is not ours).
         None if !crate::config::tgid_allowed(0) => {}
-        None => {
-            if let Some(n) = TCP_ACCEPTS_UNKNOWN.get_ptr_mut(0) {
-                unsafe { *n += 1 };
-            }
-        }
+        None => field::per_cpu_add(&TCP_ACCEPTS_UNKNOWN, 0, 1),
     }
     Ok(())
 }
@@ -599,5 +595,5 @@ pub(crate) fn send<C: EbpfContext>(
 
 #[inline(always)]
 pub(crate) fn count_lost(reason: u32) {
-    field::count_lost(&TCP_LOST, reason, 1);
+    field::per_cpu_add(&TCP_LOST, reason, 1);
 }

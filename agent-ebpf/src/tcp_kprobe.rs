@@ -11,14 +11,18 @@
 //! - `inet_csk_accept` return (the accepting task): the new `struct sock *`, emitted as an accept
 //!   (at accept() time, where the tracepoint path counts the completed handshake).
 //!
-//! `struct sock_common` offsets come from userspace (`TCP_SOCK_OFFSETS` in `tcp.rs`: from BTF when there
-//! is some, else a table), and fields are read with `bpf_probe_read` (4.19-safe). Register
+//! `struct sock_common` offsets come from userspace (`TCP_SOCK_OFFSETS` in `tcp.rs`: from BTF
+//! when there is some, else a table), and fields are read with `bpf_probe_read` (4.19-safe),
+//! as the raw tracepoint reads them (`tcp::Sock`). Register
 //! access for the arguments is per architecture: aya-ebpf's `ProbeContext::arg` reads `pt_regs`
 //! as the target architecture lays it out (the object is built per architecture).
 
-use agent_common::tcp::{
-    TCP_CLOSE, TCP_ESTABLISHED, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
-    TCP_EVENT_CONNECT_FAILED, TCP_LOST_READ_ERROR, TCP_SYN_SENT,
+use agent_common::{
+    COMM_LEN,
+    tcp::{
+        TCP_CLOSE, TCP_ESTABLISHED, TCP_EVENT_ACCEPT, TCP_EVENT_CONNECT_ESTABLISHED,
+        TCP_EVENT_CONNECT_FAILED, TCP_LOST_READ_ERROR, TCP_SYN_SENT,
+    },
 };
 use aya_ebpf::{
     helpers::{
@@ -100,7 +104,7 @@ fn try_accept(ctx: &RetProbeContext) -> Result<(), i64> {
         unsafe { bpf_get_current_cgroup_id() },
         tgid,
         tgid,
-        &bpf_get_current_comm().unwrap_or([0; agent_common::COMM_LEN]),
+        &bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
         &a,
     )
 }

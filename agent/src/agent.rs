@@ -207,14 +207,9 @@ async fn run_async(
     // (the raw BTF, several MiB, is not kept), before aya parses it for the loader, so that the
     // two parses' memory does not add up.
     let tcp = args.probes.contains(&ProbeKind::Tcp);
-    let btf_bytes = if tcp {
-        btf_source.bytes().map_err(RunError::Usage)?
-    } else {
-        None
-    };
-    let sock_layout = crate::probe::tcp::SockLayout::from_btf(btf_bytes.as_deref());
-    drop(btf_bytes);
-    let btf = btf_source.load().map_err(RunError::Usage)?;
+    let (btf, sock_layout) = btf_source
+        .load_inspecting(|raw| crate::probe::tcp::SockLayout::from_btf(raw.filter(|_| tcp)))
+        .map_err(RunError::Usage)?;
     let tcp_attach = args
         .compat
         .tcp_attach

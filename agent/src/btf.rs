@@ -146,24 +146,12 @@ impl<'a> Types<'a> {
     /// Byte offset of member `name` of struct `strukt`, looking into anonymous unions and
     /// structs (as C does). `Err` names what is missing.
     pub fn member_offset(&self, strukt: &str, name: &str) -> Result<u32, String> {
-        let id = *self
-            .structs
-            .get(strukt)
-            .ok_or_else(|| format!("BTF has no struct {strukt}"))?;
-        self.find(id, name, 0, 0)?
-            .map(|bits| bits / 8)
-            .ok_or_else(|| format!("BTF struct {strukt} has no member {name}"))
+        Ok(self.locate(strukt, name)?.0 / 8)
     }
 
     /// Offset and width of member `name` of struct `strukt` (see [`Self::member_offset`]).
     pub fn member_bits(&self, strukt: &str, name: &str) -> Result<MemberBits, String> {
-        let id = *self
-            .structs
-            .get(strukt)
-            .ok_or_else(|| format!("BTF has no struct {strukt}"))?;
-        let (bit_offset, m) = self
-            .find_member(id, name, 0, 0)?
-            .ok_or_else(|| format!("BTF struct {strukt} has no member {name}"))?;
+        let (bit_offset, m) = self.locate(strukt, name)?;
         let bits = if m.bitfield_size != 0 {
             m.bitfield_size
         } else {
@@ -172,6 +160,16 @@ impl<'a> Types<'a> {
                 .ok_or_else(|| format!("BTF: no size for the type of {strukt}.{name}"))?
         };
         Ok(MemberBits { bit_offset, bits })
+    }
+
+    /// Member `name` of struct `strukt` and its offset in bits.
+    fn locate(&self, strukt: &str, name: &str) -> Result<(u32, Member), String> {
+        let id = *self
+            .structs
+            .get(strukt)
+            .ok_or_else(|| format!("BTF has no struct {strukt}"))?;
+        self.find_member(id, name, 0, 0)?
+            .ok_or_else(|| format!("BTF struct {strukt} has no member {name}"))
     }
 
     /// Size in bytes of type `id`, through typedefs and qualifiers (ints, enums, structs).
@@ -184,12 +182,6 @@ impl<'a> Types<'a> {
             }
             _ => None,
         }
-    }
-
-    fn find(&self, id: u32, name: &str, base: u32, depth: u32) -> Result<Option<u32>, String> {
-        Ok(self
-            .find_member(id, name, base, depth)?
-            .map(|(bits, _)| bits))
     }
 
     /// The member and its offset in bits from the outermost struct.

@@ -81,7 +81,7 @@ fn build(args: &CheckArgs) -> Result<Report, String> {
     let version = kernel::parse_release(&uname.release);
     let kernel_btf = kernel::has_btf();
     let btf_source = args.compat.btf_source(kernel_btf)?;
-    let btf = btf_source.load()?;
+    let (btf, sock_layout) = btf_source.load_inspecting(tcp::SockLayout::from_btf)?;
 
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let cap_eff = caps::parse_cap_eff(&status);
@@ -172,10 +172,7 @@ fn build(args: &CheckArgs) -> Result<Report, String> {
         (None, Ok(t)) => loader::load(*t, btf.as_ref(), &[]).map_err(|e| e.to_string()),
     };
     // What the TCP probe's raw tracepoint would read (only BTF has it).
-    let raw_offsets = match btf_source.bytes() {
-        Ok(bytes) => tcp::SockLayout::from_btf(bytes.as_deref()).raw,
-        Err(e) => Err(e),
-    };
+    let raw_offsets = sock_layout.raw;
     let mut probes = Vec::new();
     for &kind in args.probes.iter() {
         let info = kind.info();

@@ -120,33 +120,30 @@ impl CompatArgs {
 impl BtfSource {
     /// Reads and parses the BTF (`None` for [`BtfSource::None`]). `Err` is one line.
     pub fn load(&self) -> Result<Option<aya::Btf>, String> {
-        let parse = |p: &Path| {
-            let fail = |e: &dyn std::fmt::Display| {
-                format!(
-                    "cannot read BTF from {}: {e} (give a vmlinux BTF file, or use --btf none)",
-                    p.display()
-                )
-            };
-            let data = std::fs::read(p).map_err(|e| fail(&e))?;
-            aya::Btf::parse(&data, aya::Endianness::default()).map_err(|e| fail(&e))
-        };
-        match self {
-            Self::None => Ok(None),
-            Self::Kernel => parse(Path::new(KERNEL_BTF)).map(Some),
-            Self::File(p) => parse(p).map(Some),
-        }
+        Ok(self.load_inspecting(|_| ())?.0)
     }
 
-    /// The raw BTF bytes (for reading struct offsets), `None` without BTF. `Err` is one line.
-    pub fn bytes(&self) -> Result<Option<Vec<u8>>, String> {
+    /// [`Self::load`], handing the raw bytes to `inspect` first (for what aya does not expose,
+    /// e.g. struct offsets): the file is read once. `inspect` gets `None` without BTF.
+    pub fn load_inspecting<T>(
+        &self,
+        inspect: impl FnOnce(Option<&[u8]>) -> T,
+    ) -> Result<(Option<aya::Btf>, T), String> {
         let path = match self {
-            Self::None => return Ok(None),
+            Self::None => return Ok((None, inspect(None))),
             Self::Kernel => Path::new(KERNEL_BTF),
             Self::File(p) => p.as_path(),
         };
-        std::fs::read(path)
-            .map(Some)
-            .map_err(|e| format!("cannot read BTF from {}: {e}", path.display()))
+        let fail = |e: &dyn std::fmt::Display| {
+            format!(
+                "cannot read BTF from {}: {e} (give a vmlinux BTF file, or use --btf none)",
+                path.display()
+            )
+        };
+        let data = std::fs::read(path).map_err(|e| fail(&e))?;
+        let seen = inspect(Some(&data));
+        let btf = aya::Btf::parse(&data, aya::Endianness::default()).map_err(|e| fail(&e))?;
+        Ok((Some(btf), seen))
     }
 
     /// How `check` and the logs describe it.

@@ -310,19 +310,28 @@ fn probe_built(bin: &Path, probe: &str) -> bool {
 fn stats(v: &[f64]) -> Value {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let median = if s.is_empty() {
+    json!({ "median": median(v), "min": s.first(), "max": s.last(), "samples": v })
+}
+
+/// The median of `v` (NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
         f64::NAN
     } else if s.len() % 2 == 1 {
         s[s.len() / 2]
     } else {
         f64::midpoint(s[s.len() / 2 - 1], s[s.len() / 2])
-    };
-    json!({ "median": median, "min": s.first(), "max": s.last(), "samples": v })
+    }
 }
 
 fn section_json(c: &Comparison, configs: &[Config], samples: &[Vec<f64>], lost: f64) -> Value {
-    let med = |i: usize| stats(&samples[i])["median"].as_f64().unwrap_or(f64::NAN);
-    let (base, ours, peer) = (med(0), med(1), med(2));
+    let (base, ours, peer) = (
+        median(&samples[0]),
+        median(&samples[1]),
+        median(&samples[2]),
+    );
     // The same ratio taken within each round (its runs are seconds apart, so a machine that
     // slows down or speeds up between rounds moves both sides), then the median of those.
     let paired = |f: &dyn Fn(f64, f64, f64) -> f64| {
@@ -335,7 +344,7 @@ fn section_json(c: &Comparison, configs: &[Config], samples: &[Vec<f64>], lost: 
                 ))
             })
             .collect();
-        stats(&per_round)["median"].as_f64().unwrap_or(f64::NAN)
+        median(&per_round)
     };
     let derived = if c.workload.lower_is_better() {
         json!({
@@ -474,6 +483,18 @@ impl Background {
     }
 }
 
+/// A CPU mask of `cpus`.
+fn cpu_set(cpus: impl IntoIterator<Item = usize>) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data, valid zeroed; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        set
+    }
+}
+
 /// Moves every thread of process `pid` off the CPU the workloads are pinned to (when there is
 /// another), so that tanzhen and the peer tool are compared on what they add inside the
 /// workload's syscalls and softirqs, not on where the scheduler happens to put their own
@@ -484,14 +505,7 @@ fn keep_off_last_cpu(pid: u32) {
     if last == 0 {
         return;
     }
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it.
-    let set = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..last {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        set
-    };
+    let set = cpu_set(0..last);
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return;
     };
@@ -651,10 +665,9 @@ fn tcp_connect_rate(n: usize) -> anyhow::Result<f64> {
 /// Pins the calling thread to the last CPU and gives it SCHED_FIFO priority 50 (best effort:
 /// a failure only makes the figures noisier, so it is reported, not fatal).
 fn isolate_this_thread() {
+    let set = cpu_set(last_cpu()..=last_cpu());
     // SAFETY: plain syscalls on the calling thread with correctly sized, initialised arguments.
     unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(last_cpu(), &mut set);
         let param = libc::sched_param { sched_priority: 50 };
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0
             || libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const param) != 0

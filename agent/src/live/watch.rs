@@ -205,8 +205,7 @@ async fn standalone_async(args: &WatchArgs, mut printer: Printer) -> Result<(), 
     } else {
         crate::compat::BtfSource::None
     };
-    let btf = btf_source.load()?;
-    let sock_layout = crate::probe::tcp::SockLayout::from_btf(btf_source.bytes()?.as_deref());
+    let (btf, sock_layout) = btf_source.load_inspecting(crate::probe::tcp::SockLayout::from_btf)?;
     let tcp_attach =
         crate::compat::TcpAttachChoice::Auto.resolve(Some(&tracefs.path), sock_layout.raw.is_ok());
     let mut ebpf = loader::load(transport, btf.as_ref(), &[]).map_err(|e| fail(&e))?;

@@ -629,23 +629,27 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> 
             .ok_or(ProbeError::MissingMap(TCP_TP_OFFSETS))?,
     )?;
     offsets_map.set(0, off, 0)?;
+    attach_seeded(ebpf, |ebpf| {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(ProbeError::MissingProgram(PROGRAM))?
+            .try_into()?;
+        prog.load()?;
+        prog.attach("sock", "inet_sock_set_state")?;
+        Ok(())
+    })
+}
 
-    let prog: &mut TracePoint = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(ProbeError::MissingProgram(PROGRAM))?
-        .try_into()?;
-    prog.load()?;
-    // Listeners that predate us: once before attaching, so no accept completes against an
-    // unknown listener once the program runs, and once after, for sockets that started
-    // listening in between (NOEXIST keeps what the program recorded itself).
+/// Runs `attach` between two seedings of the listeners that predate us: once before, so no
+/// accept completes against an unknown listener once the program runs, and once after, for
+/// sockets that started listening in between (NOEXIST keeps what the program recorded itself).
+fn attach_seeded(
+    ebpf: &mut Ebpf,
+    attach: impl FnOnce(&mut Ebpf) -> Result<(), ProbeError>,
+) -> Result<(), ProbeError> {
     seed_listeners(ebpf)?;
-    let prog: &mut TracePoint = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(ProbeError::MissingProgram(PROGRAM))?
-        .try_into()?;
-    prog.attach("sock", "inet_sock_set_state")?;
-    seed_listeners(ebpf)?;
-    Ok(())
+    attach(ebpf)?;
+    seed_listeners(ebpf)
 }
 
 /// Loads and attaches the raw tracepoint program, with `struct sock` offsets from BTF.
@@ -658,20 +662,15 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, sock: &SockLayout) -> Result<(), Probe
     })?;
     log::debug!("tcp: raw tracepoint, struct sock offsets from BTF: {off:?}");
     write_sock_offsets(ebpf, off)?;
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(RAW_PROGRAM)
-        .ok_or(ProbeError::MissingProgram(RAW_PROGRAM))?
-        .try_into()?;
-    prog.load()?;
-    // Listeners that predate us: before attaching and after, as for the classic form.
-    seed_listeners(ebpf)?;
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(RAW_PROGRAM)
-        .ok_or(ProbeError::MissingProgram(RAW_PROGRAM))?
-        .try_into()?;
-    prog.attach("inet_sock_set_state")?;
-    seed_listeners(ebpf)?;
-    Ok(())
+    attach_seeded(ebpf, |ebpf| {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(RAW_PROGRAM)
+            .ok_or(ProbeError::MissingProgram(RAW_PROGRAM))?
+            .try_into()?;
+        prog.load()?;
+        prog.attach("inet_sock_set_state")?;
+        Ok(())
+    })
 }
 
 /// Hands `struct sock` offsets to the raw tracepoint and kprobe programs (under
