@@ -27,7 +27,7 @@ use aya::{
 use tokio::sync::watch;
 
 use crate::{
-    probe::{ProbeError, take, tcp::LossCounters},
+    probe::{ProbeError, program, take, tcp::LossCounters},
     snapshot::{CounterVec, Desc, Snapshot},
     transport::{EventReader, Transport},
 };
@@ -105,10 +105,7 @@ impl BenchProbe {
         )?;
         // Readers first: a perf event array has no buffer for a CPU until it is opened.
         let events = EventReader::open(ebpf, BENCH_EVENTS, transport)?;
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(ProbeError::MissingProgram(PROGRAM))?
-            .try_into()?;
+        let prog: &mut RawTracePoint = program(ebpf, PROGRAM)?;
         prog.load()?;
         prog.attach("sys_enter")?;
         Ok(Self {

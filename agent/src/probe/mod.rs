@@ -52,6 +52,18 @@ pub enum ProbeKind {
     Bench,
 }
 
+/// Program `name` of the object as a `P` (`TracePoint`, `RawTracePoint`, `KProbe`, ...), to
+/// load and attach.
+pub fn program<'a, P>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::MissingProgram(name))?
+        .try_into()?)
+}
+
 /// Takes the map `name` out of the object as a typed map (the probe's drain task owns it).
 pub fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, ProbeError>
 where

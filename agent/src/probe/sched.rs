@@ -38,7 +38,7 @@ use crate::{
     kernel::{self, Format},
     metadata::{Metadata, WorkloadLabels},
     probe::{
-        ProbeError, take,
+        ProbeError, program, take,
         tcp::{LossCounters, comm_str},
     },
     snapshot::{CounterVec, Desc, HistogramVec, LOG2_NS_BOUNDS, Snapshot},
@@ -407,10 +407,7 @@ impl SchedProbe {
         let events = EventReader::open(ebpf, SCHED_EVENTS, transport)?;
         let mut progs = Vec::with_capacity(HOOKS.len());
         for name in HOOKS {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::MissingProgram(name))?
-                .try_into()?;
+            let prog: &mut TracePoint = program(ebpf, name)?;
             prog.load()?;
             prog.attach("sched", name)?;
             progs.push(prog.fd()?.try_clone()?);

@@ -37,7 +37,7 @@ use super::syscall_names;
 use crate::{
     kernel,
     metadata::{Metadata, WorkloadLabels},
-    probe::{ProbeError, take, tcp::LossCounters},
+    probe::{ProbeError, program, take, tcp::LossCounters},
     snapshot::{CounterVec, Desc, HistogramVec, LOG2_NS_BOUNDS, Snapshot},
 };
 
@@ -308,10 +308,7 @@ impl SyscallsProbe {
             (PROCESS_EXIT, "sched_process_exit"),
             (ENTER, "sys_enter"),
         ] {
-            let p: &mut RawTracePoint = ebpf
-                .program_mut(prog)
-                .ok_or(ProbeError::MissingProgram(prog))?
-                .try_into()?;
+            let p: &mut RawTracePoint = program(ebpf, prog)?;
             p.load()?;
             p.attach(name)?;
         }

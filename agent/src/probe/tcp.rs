@@ -37,7 +37,7 @@ use crate::{
     compat::TcpAttach,
     kernel::{self, Format},
     metadata::{Metadata, WorkloadLabels},
-    probe::{ProbeError, listeners, take},
+    probe::{ProbeError, listeners, program, take},
     snapshot::{CounterVec, Desc, HistogramVec, Snapshot},
     transport::{EventReader, Transport},
 };
@@ -630,10 +630,7 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), ProbeError> 
     )?;
     offsets_map.set(0, off, 0)?;
     attach_seeded(ebpf, |ebpf| {
-        let prog: &mut TracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(ProbeError::MissingProgram(PROGRAM))?
-            .try_into()?;
+        let prog: &mut TracePoint = program(ebpf, PROGRAM)?;
         prog.load()?;
         prog.attach("sock", "inet_sock_set_state")?;
         Ok(())
@@ -663,10 +660,7 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, sock: &SockLayout) -> Result<(), Probe
     log::debug!("tcp: raw tracepoint, struct sock offsets from BTF: {off:?}");
     write_sock_offsets(ebpf, off)?;
     attach_seeded(ebpf, |ebpf| {
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(RAW_PROGRAM)
-            .ok_or(ProbeError::MissingProgram(RAW_PROGRAM))?
-            .try_into()?;
+        let prog: &mut RawTracePoint = program(ebpf, RAW_PROGRAM)?;
         prog.load()?;
         prog.attach("inet_sock_set_state")?;
         Ok(())
@@ -701,10 +695,7 @@ fn attach_kprobes(ebpf: &mut Ebpf, tracefs: &Path, sock: &SockLayout) -> Result<
     );
     write_sock_offsets(ebpf, sock.offsets)?;
     for &(name, function, required) in KPROBES {
-        let prog: &mut KProbe = ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::MissingProgram(name))?
-            .try_into()?;
+        let prog: &mut KProbe = program(ebpf, name)?;
         prog.load()?;
         match prog.attach(function, 0) {
             Ok(_) => {}
